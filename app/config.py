@@ -1,0 +1,70 @@
+"""One settings class for the whole service, read from `MAGTUNE_*` environment variables."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.splits import DEFAULT_SPLIT_FRACTIONS, validate_fractions
+
+
+class Settings(BaseSettings):
+    """Defaults give the embedded set-up: SQLite and the SQLAlchemy broker transport under `data_dir`."""
+
+    model_config = SettingsConfigDict(env_prefix="MAGTUNE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("magtune-data")
+    database_url: str = ""
+    broker_url: str = ""
+
+    # uploads
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_checkpoint_bytes: int = 2 * 1024 * 1024 * 1024
+    max_feedback_batch: int = 10_000
+
+    # splits of faces into train/val/test, from each face's content hash
+    split_fractions: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS))
+
+    # jobs
+    job_max_attempts: int = 3
+    job_heartbeat_interval_s: float = 10.0
+    job_heartbeat_timeout_s: float = 120.0
+    job_requeue_after_s: float = 300.0
+    job_soft_time_limit_s: int = 6 * 3600
+    job_time_limit_s: int = 6 * 3600 + 600
+    sweep_interval_s: float = 30.0
+    queue_name: str = "gpu"
+    reindex_batch_size: int = 64
+
+    # promotion gate: the candidate may lose at most this much AUC on the regression set
+    regression_auc_tolerance: float = 0.002
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _valid_fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        validate_fractions(value)
+        return value
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> "Settings":
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'magtune.db').resolve()}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+        return self
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Redis re-delivers an unacknowledged message after this; it must outlast the longest job."""
+        return self.job_time_limit_s + 3600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,49 @@
+"""The api's app factory: one router per resource under /v1, problem+json errors, Prometheus and health."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from app import health, observability
+from app.config import Settings, get_settings
+from app.faces.router import router as faces_router
+from app.feedback.router import router as feedback_router
+from app.jobs.router import router as jobs_router
+from app.jobs.sweeper import start_background_sweeper
+from app.metrics.router import router as metrics_router
+from app.models.router import router as models_router
+from app.problems import install_problem_handlers
+
+
+def _operation_id(route: APIRoute) -> str:
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        stop_sweeper = start_background_sweeper(settings) if run_sweeper else None
+        try:
+            yield
+        finally:
+            if stop_sweeper is not None:
+                stop_sweeper()
+
+    app = FastAPI(
+        title="magtune",
+        version="1.0.0",
+        description="Face crops and same/different feedback in; fine-tuned, evaluated MagFace models out.",
+        generate_unique_id_function=_operation_id,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_problem_handlers(app)
+    observability.install(app)
+    for router in (faces_router, feedback_router, jobs_router, models_router, metrics_router):
+        app.include_router(router, prefix="/v1")
+    app.include_router(health.router)
+    return app

@@ -6,7 +6,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.splits import DEFAULT_SPLIT_FRACTIONS, validate_fractions
+from app.splits import DEFAULT_SPLIT_FRACTIONS, validate_split_fractions
 
 
 class Settings(BaseSettings):
@@ -44,8 +44,7 @@ class Settings(BaseSettings):
     @field_validator("split_fractions")
     @classmethod
     def _valid_fractions(cls, value: dict[str, float]) -> dict[str, float]:
-        validate_fractions(value)
-        return value
+        return validate_split_fractions(value)
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> "Settings":

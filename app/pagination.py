@@ -46,7 +46,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         created_at, row_id = json.loads(raw)
         return datetime.fromisoformat(created_at), uuid.UUID(row_id)
     except (ValueError, TypeError) as exc:
-        raise Problem(400, "invalid-cursor", "Invalid cursor", "the cursor is not one this api issued") from exc
+        raise Problem(
+            400, "invalid-cursor", "Invalid cursor", "the cursor is not one this api issued"
+        ) from exc
 
 
 def paginate(statement: Select[Any], model: Any, params: PageParams) -> Select[Any]:

@@ -1,0 +1,82 @@
+"""Liveness and readiness probes, outside /v1 where orchestrators expect them."""
+
+import logging
+
+from fastapi import APIRouter
+from kombu import Connection
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from app.config import Settings
+from app.db import get_engine
+from app.deps import SettingsDep
+from app.problems import PROBLEM_MEDIA_TYPE, Problem
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+BROKER_TIMEOUT_S = 2.0
+
+
+def _check_database(settings: Settings) -> str | None:
+    try:
+        with get_engine(settings.database_url).connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def _check_broker(settings: Settings) -> str | None:
+    """Connect to Redis; for the embedded SQLAlchemy transport, reach the database that holds the queue."""
+    try:
+        if settings.broker_url.startswith("sqla+"):
+            engine = create_engine(settings.broker_url.removeprefix("sqla+"), poolclass=NullPool)
+            try:
+                with engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+            finally:
+                engine.dispose()
+            return None
+        options = {"socket_connect_timeout": BROKER_TIMEOUT_S, "socket_timeout": BROKER_TIMEOUT_S}
+        with Connection(
+            settings.broker_url, connect_timeout=BROKER_TIMEOUT_S, transport_options=options
+        ) as conn:
+            conn.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0.2, timeout=BROKER_TIMEOUT_S
+            )
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up and serving; says nothing about its dependencies."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    responses={503: {"description": "A dependency is down", "content": {PROBLEM_MEDIA_TYPE: {}}}},
+)
+def readyz(settings: SettingsDep) -> dict[str, object]:
+    """Ready when the database answers `SELECT 1` and the broker accepts a connection."""
+    failures = {
+        name: error
+        for name, error in (("database", _check_database(settings)), ("broker", _check_broker(settings)))
+        if error is not None
+    }
+    checks = {name: failures.get(name, "ok") for name in ("database", "broker")}
+    if failures:
+        log.warning("not ready: %s", failures)
+        raise Problem(
+            503,
+            "not-ready",
+            "Not ready",
+            f"down: {', '.join(failures)}",
+            checks=checks,
+            down=sorted(failures),
+        )
+    return {"status": "ready", "checks": checks}

@@ -1,0 +1,70 @@
+"""/v1/jobs: start fine-tunes, evaluations and reindexes, follow them, cancel them."""
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response, status
+
+from app.deps import PageDep, SessionDep, SettingsDep
+from app.jobs import service
+from app.jobs.params import JobKind, JobStatus
+from app.jobs.schemas import JobCreate, JobOut
+from app.pagination import Page
+from app.problems import PROBLEM_MEDIA_TYPE
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {}}}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses={
+        404: _problem("A model named in the params does not exist (unknown-model)"),
+        409: _problem("No model is active (no-active-model), or the model is not ready (model-not-ready)"),
+        422: _problem("Unknown kind, unknown param or a param of the wrong type"),
+    },
+)
+def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, response: Response) -> JobOut:
+    """Queue a job; the params stored on it name the concrete models it will use."""
+    job = service.create_job(session=session, settings=settings, kind=body.kind, params=body.params)
+    session.commit()
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.model_validate(service.get_job(session=session, job_id=job.id))
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(
+    session: SessionDep,
+    page: PageDep,
+    kind: Annotated[JobKind | None, Query()] = None,
+    job_status: Annotated[JobStatus | None, Query(alias="status")] = None,
+) -> Page[JobOut]:
+    jobs, cursor = service.list_jobs(session=session, page=page, kind=kind, status=job_status)
+    return Page[JobOut](items=[JobOut.model_validate(job) for job in jobs], next_cursor=cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses={404: _problem("No such job")})
+def get_job(job_id: uuid.UUID, session: SessionDep) -> JobOut:
+    return JobOut.model_validate(service.get_job(session=session, job_id=job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    responses={
+        202: {"model": JobOut, "description": "Running: flagged, the worker stops at its next step"},
+        404: _problem("No such job"),
+        409: _problem("The job has finished already (job-finished)"),
+    },
+)
+def cancel_job(job_id: uuid.UUID, session: SessionDep, response: Response) -> JobOut:
+    """A queued job is cancelled at once (200); a running one is flagged and stops at its next step (202)."""
+    job, cancelled_now = service.cancel_job(session=session, job_id=job_id)
+    if not cancelled_now:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return JobOut.model_validate(job)

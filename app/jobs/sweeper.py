@@ -1,0 +1,163 @@
+"""Keeps the job table honest when messages or workers are lost.
+
+Every api process may run a sweeper at once: each change is one conditional UPDATE that only the first
+sweeper to reach a row can make, and a job is re-sent only by the sweeper whose update claimed it (the
+update stamps `enqueued_at`, so the others no longer see it as unsent). A job sent twice would be harmless
+anyway: the worker's claim (queued → running) succeeds once.
+"""
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import ColumnElement, and_, func, or_, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import session_scope
+from app.queue import send_job
+from app.tables import Job
+
+log = logging.getLogger(__name__)
+
+# A job created this recently may still be on its way to the broker from the request that created it.
+NEVER_SENT_GRACE_S = 10.0
+
+
+@dataclass
+class SweepReport:
+    resent: list[uuid.UUID] = field(default_factory=list)
+    requeued: list[uuid.UUID] = field(default_factory=list)
+    failed: list[uuid.UUID] = field(default_factory=list)
+    cancelled: list[uuid.UUID] = field(default_factory=list)
+    send_failures: list[uuid.UUID] = field(default_factory=list)
+
+
+def _claim_lost_messages(session: Session, settings: Settings, now: datetime) -> list[tuple[uuid.UUID, str]]:
+    stale_send = now - timedelta(seconds=settings.job_requeue_after_s)
+    never_sent = now - timedelta(seconds=min(NEVER_SENT_GRACE_S, settings.job_requeue_after_s))
+    rows = session.execute(
+        update(Job)
+        .where(
+            Job.status == "queued",
+            or_(
+                Job.enqueued_at < stale_send,
+                and_(Job.enqueued_at.is_(None), Job.created_at < never_sent),
+            ),
+        )
+        .values(enqueued_at=now)
+        .returning(Job.id, Job.kind)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return [(row.id, row.kind) for row in rows]
+
+
+def _stale_running(settings: Settings, now: datetime) -> ColumnElement[bool]:
+    cutoff = now - timedelta(seconds=settings.job_heartbeat_timeout_s)
+    return and_(
+        Job.status == "running", func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at) < cutoff
+    )
+
+
+def _recover_lost_workers(
+    session: Session, settings: Settings, now: datetime, report: SweepReport
+) -> list[tuple[uuid.UUID, str]]:
+    stale = _stale_running(settings, now)
+    cancelled = session.execute(
+        update(Job)
+        .where(stale, Job.cancel_requested.is_(True))
+        .values(status="cancelled", finished_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).scalars()
+    report.cancelled.extend(cancelled)
+    failed = session.execute(
+        update(Job)
+        .where(stale, Job.attempts >= Job.max_attempts)
+        .values(
+            status="failed",
+            finished_at=now,
+            error={
+                "type": "worker-lost",
+                "detail": "the worker stopped sending heartbeats and the job has used all its attempts",
+            },
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).scalars()
+    report.failed.extend(failed)
+    requeued = session.execute(
+        update(Job)
+        .where(stale, Job.attempts < Job.max_attempts)
+        .values(status="queued", worker=None, heartbeat_at=None, enqueued_at=now)
+        .returning(Job.id, Job.kind)
+        .execution_options(synchronize_session=False)
+    ).all()
+    report.requeued.extend(row.id for row in requeued)
+    return [(row.id, row.kind) for row in requeued]
+
+
+def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
+    """One pass: recover jobs of dead workers, then re-send queued jobs whose message may be lost."""
+    now = now or datetime.now(UTC)
+    report = SweepReport()
+    with session_scope(settings.database_url) as session:
+        to_send = _recover_lost_workers(session, settings, now, report)
+    with session_scope(settings.database_url) as session:
+        resent = _claim_lost_messages(session, settings, now)
+    report.resent.extend(job_id for job_id, _ in resent)
+    for job_id, kind in [*to_send, *resent]:
+        try:
+            send_job(settings, job_id, kind)
+        except Exception:
+            log.warning(
+                "could not re-send job %s (%s); the next sweep tries again", job_id, kind, exc_info=True
+            )
+            report.send_failures.append(job_id)
+            _release_send_claim(settings, job_id, now)
+    if any((report.requeued, report.failed, report.cancelled, report.resent)):
+        log.info(
+            "sweep: %d re-sent, %d requeued, %d failed (worker lost), %d cancelled",
+            len(report.resent),
+            len(report.requeued),
+            len(report.failed),
+            len(report.cancelled),
+        )
+    return report
+
+
+def _release_send_claim(settings: Settings, job_id: uuid.UUID, claimed_at: datetime) -> None:
+    """Forget our send stamp when the broker was down, so the next sweep tries again."""
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == claimed_at)
+            .values(enqueued_at=None)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def start_background_sweeper(settings: Settings) -> Callable[[], None]:
+    """Sweep every `sweep_interval_s` on a daemon thread; returns a function that stops it."""
+    stopping = threading.Event()
+
+    def run() -> None:
+        while True:
+            try:
+                sweep_once(settings)
+            except Exception:
+                log.exception("job sweep failed; trying again in %.0f s", settings.sweep_interval_s)
+            if stopping.wait(settings.sweep_interval_s):
+                return
+
+    thread = threading.Thread(target=run, name="magtune-job-sweeper", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopping.set()
+        thread.join(timeout=settings.sweep_interval_s + 5)
+
+    return stop

@@ -1,0 +1,1 @@
+"""What a dashboard shows about the data, the jobs and the model in service."""

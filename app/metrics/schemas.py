@@ -1,0 +1,70 @@
+"""The dashboard document of `GET /v1/metrics`."""
+
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from app.faces.schemas import UtcDatetime
+from app.models.schemas import EvaluationOut
+
+
+class FeedbackCounts(BaseModel):
+    total: int
+    by_label: dict[str, int] = Field(description='"1": same person, "0": different people')
+    by_split: dict[str, int]
+    by_split_label: dict[str, dict[str, int]]
+
+
+class FaceCounts(BaseModel):
+    total: int
+    by_split: dict[str, int]
+    embedded_by_active_model: int | None = Field(description="null when no model is active")
+
+
+class JobCounts(BaseModel):
+    total: int
+    by_status: dict[str, int]
+    by_kind_status: dict[str, dict[str, int]]
+
+
+class ActiveModelSummary(BaseModel):
+    id: uuid.UUID
+    name: str | None
+    arch: str
+    threshold: float | None
+    embedding_size: int | None
+    parent_id: uuid.UUID | None
+    activated_at: UtcDatetime
+    activated_by: str | None
+    activation_reason: str | None
+    latest_evaluations: dict[str, EvaluationOut] = Field(description="the newest evaluation of each split")
+
+
+class ComparedEvaluations(BaseModel):
+    candidate: EvaluationOut | None
+    parent: EvaluationOut | None
+
+
+class FinetuneSummary(BaseModel):
+    job_id: uuid.UUID
+    status: str
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None
+    progress: dict[str, Any] | None
+    error: dict[str, Any] | None
+    parent_model_id: uuid.UUID | None
+    new_model_id: uuid.UUID | None
+    evaluations: dict[str, ComparedEvaluations] = Field(
+        description="per split (test, regression): both models scored by this fine-tune on the same pairs"
+    )
+    gate: dict[str, Any] | None = Field(description="the promotion decision as the worker recorded it")
+    promoted: bool | None
+
+
+class DashboardMetrics(BaseModel):
+    feedback: FeedbackCounts
+    faces: FaceCounts
+    jobs: JobCounts
+    active_model: ActiveModelSummary | None
+    latest_finetune: FinetuneSummary | None

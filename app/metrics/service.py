@@ -1,0 +1,168 @@
+"""Dashboard figures, counted by the database (GROUP BY) rather than by loading rows."""
+
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.jobs.params import JOB_KINDS, JOB_STATUSES
+from app.metrics.schemas import (
+    ActiveModelSummary,
+    ComparedEvaluations,
+    DashboardMetrics,
+    FaceCounts,
+    FeedbackCounts,
+    FinetuneSummary,
+    JobCounts,
+)
+from app.models import service as models_service
+from app.models.schemas import EvaluationOut
+from app.splits import SPLIT_NAMES
+from app.tables import Evaluation, Face, FaceEmbedding, FeedbackPair, Job, ModelVersion
+
+FEEDBACK_SPLITS = (*SPLIT_NAMES, "regression")
+LABELS = ("1", "0")
+COMPARED_SPLITS = ("test", "regression")
+
+
+def _zeros(keys: Iterable[str]) -> dict[str, int]:
+    return dict.fromkeys(keys, 0)
+
+
+def feedback_counts(session: Session) -> FeedbackCounts:
+    rows = session.execute(
+        select(FeedbackPair.split, FeedbackPair.label, func.count()).group_by(
+            FeedbackPair.split, FeedbackPair.label
+        )
+    ).all()
+    by_label = _zeros(LABELS)
+    by_split = _zeros(FEEDBACK_SPLITS)
+    by_split_label = {split: _zeros(LABELS) for split in FEEDBACK_SPLITS}
+    for split, label, count in rows:
+        by_label[str(label)] = by_label.get(str(label), 0) + count
+        by_split[split] = by_split.get(split, 0) + count
+        by_split_label.setdefault(split, _zeros(LABELS))[str(label)] += count
+    return FeedbackCounts(
+        total=sum(by_label.values()), by_label=by_label, by_split=by_split, by_split_label=by_split_label
+    )
+
+
+def face_counts(session: Session, active_model_id: uuid.UUID | None) -> FaceCounts:
+    by_split = _zeros(SPLIT_NAMES)
+    for split, count in session.execute(select(Face.split, func.count()).group_by(Face.split)):
+        by_split[split] = by_split.get(split, 0) + count
+    embedded = None
+    if active_model_id is not None:
+        embedded = session.scalar(
+            select(func.count()).select_from(FaceEmbedding).where(FaceEmbedding.model_id == active_model_id)
+        )
+    return FaceCounts(total=sum(by_split.values()), by_split=by_split, embedded_by_active_model=embedded)
+
+
+def job_counts(session: Session) -> JobCounts:
+    by_status = _zeros(JOB_STATUSES)
+    by_kind_status = {kind: _zeros(JOB_STATUSES) for kind in JOB_KINDS}
+    for kind, status, count in session.execute(
+        select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
+    ):
+        by_status[status] = by_status.get(status, 0) + count
+        by_kind_status.setdefault(kind, _zeros(JOB_STATUSES))[status] += count
+    return JobCounts(total=sum(by_status.values()), by_status=by_status, by_kind_status=by_kind_status)
+
+
+def _newest_per_split(evaluations: Iterable[Evaluation]) -> dict[str, EvaluationOut]:
+    newest: dict[str, EvaluationOut] = {}
+    for evaluation in evaluations:  # newest first
+        newest.setdefault(evaluation.split, EvaluationOut.model_validate(evaluation))
+    return newest
+
+
+def active_model_summary(session: Session) -> ActiveModelSummary | None:
+    activation = models_service.current_activation(session)
+    if activation is None:
+        return None
+    model = session.get(ModelVersion, activation.model_id)
+    if model is None:
+        return None
+    evaluations = models_service.evaluations_by_model(session, [model.id]).get(model.id, [])
+    return ActiveModelSummary(
+        id=model.id,
+        name=model.name,
+        arch=model.arch,
+        threshold=model.threshold,
+        embedding_size=model.embedding_size,
+        parent_id=model.parent_id,
+        activated_at=activation.created_at,
+        activated_by=activation.actor,
+        activation_reason=activation.reason,
+        latest_evaluations=_newest_per_split(evaluations),
+    )
+
+
+def _as_uuid(value: Any) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def latest_finetune(session: Session) -> FinetuneSummary | None:
+    job = session.scalars(
+        select(Job).where(Job.kind == "finetune").order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
+    ).first()
+    if job is None:
+        return None
+    result = job.result if isinstance(job.result, dict) else {}
+    new_model_id = session.scalar(
+        select(ModelVersion.id)
+        .where(ModelVersion.created_by_job_id == job.id)
+        .order_by(ModelVersion.created_at.desc())
+        .limit(1)
+    ) or _as_uuid(result.get("model_id"))
+    parent_id = _as_uuid((job.params or {}).get("base_model"))
+
+    scored = session.scalars(
+        select(Evaluation)
+        .where(Evaluation.job_id == job.id, Evaluation.split.in_(COMPARED_SPLITS))
+        .order_by(Evaluation.created_at.desc(), Evaluation.id.desc())
+    ).all()
+    by_model = {
+        model_id: _newest_per_split(e for e in scored if e.model_id == model_id)
+        for model_id in (new_model_id, parent_id)
+        if model_id is not None
+    }
+    evaluations = {
+        split: ComparedEvaluations(
+            candidate=by_model.get(new_model_id, {}).get(split) if new_model_id else None,
+            parent=by_model.get(parent_id, {}).get(split) if parent_id else None,
+        )
+        for split in COMPARED_SPLITS
+    }
+    gate = result.get("gate") if isinstance(result.get("gate"), dict) else None
+    promoted = gate.get("promoted") if gate is not None else None
+    return FinetuneSummary(
+        job_id=job.id,
+        status=job.status,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        progress=job.progress,
+        error=job.error,
+        parent_model_id=parent_id,
+        new_model_id=new_model_id,
+        evaluations=evaluations,
+        gate=gate,
+        promoted=promoted if isinstance(promoted, bool) else None,
+    )
+
+
+def dashboard(*, session: Session) -> DashboardMetrics:
+    active_id = models_service.active_model_id(session)
+    return DashboardMetrics(
+        feedback=feedback_counts(session),
+        faces=face_counts(session, active_id),
+        jobs=job_counts(session),
+        active_model=active_model_summary(session),
+        latest_finetune=latest_finetune(session),
+    )

@@ -1,0 +1,206 @@
+"""/v1/models: register checkpoints, read the registry, download checkpoints, choose the model in service.
+
+The activation log is `GET /v1/models/activations` (every change, newest first; `model_id` narrows it).
+"""
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+
+from app.blobs import BlobStore
+from app.deps import PageDep, SessionDep, SettingsDep
+from app.models import service
+from app.models.schemas import (
+    ARCHITECTURES,
+    ActivationOut,
+    ActivationRequest,
+    ActivationResult,
+    Architecture,
+    EvaluationOut,
+    ModelOut,
+    ModelRegistered,
+    ModelStatus,
+)
+from app.pagination import Page
+from app.problems import PROBLEM_MEDIA_TYPE, Problem
+from app.tables import Evaluation, ModelVersion
+from app.uploads import receive_upload
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+MAX_NAME_CHARS = 256
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "arch"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "a torch.save checkpoint",
+                        },
+                        "arch": {"type": "string", "enum": list(ARCHITECTURES)},
+                        "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {}}}
+
+
+def _model_out(model: ModelVersion, active_id: uuid.UUID | None, evaluations: list[Evaluation]) -> ModelOut:
+    out = ModelOut.model_validate(model)
+    out.is_active = model.id == active_id
+    out.evaluations = [EvaluationOut.model_validate(evaluation) for evaluation in evaluations]
+    return out
+
+
+def _detail(session: Session, model: ModelVersion) -> ModelOut:
+    evaluations = service.evaluations_by_model(session, [model.id]).get(model.id, [])
+    return _model_out(model, service.active_model_id(session), evaluations)
+
+
+def _arch(value: str | None) -> str:
+    if value not in ARCHITECTURES:
+        message = f"Input should be one of {', '.join(ARCHITECTURES)}"
+        error_type = "missing" if value is None else "literal_error"
+        raise Problem(
+            422,
+            "validation-error",
+            "Invalid request",
+            f"body.arch: {message}",
+            errors=[{"loc": ["body", "arch"], "msg": message, "type": error_type}],
+        )
+    return value
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ModelRegistered,
+    openapi_extra=_UPLOAD_BODY,
+    responses={
+        200: {"model": ModelRegistered, "description": "These bytes under this arch were registered before"},
+        413: _problem("The file is over `max_checkpoint_bytes` (upload-too-large)"),
+        422: _problem("Empty, not a checkpoint, or a checkpoint whose pickle references code"),
+    },
+)
+async def register_model(
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep
+) -> ModelRegistered:
+    """Register a checkpoint; the worker then loads it strictly and marks it `ready` or `invalid`."""
+    store = BlobStore(settings.blob_dir)
+    async with receive_upload(
+        request,
+        store,
+        namespace=service.NAMESPACE,
+        max_bytes=settings.max_checkpoint_bytes,
+        text_fields=("arch", "name"),
+        max_field_chars=MAX_NAME_CHARS,
+    ) as upload:
+        arch = _arch(upload.fields.get("arch"))
+        registration = await run_in_threadpool(
+            lambda: service.register_model(
+                session=session,
+                settings=settings,
+                store=store,
+                blob=upload.blob,
+                arch=arch,
+                name=upload.fields.get("name") or upload.filename,
+            )
+        )
+    model = await run_in_threadpool(lambda: _detail(session, registration.model))
+    response.status_code = status.HTTP_202_ACCEPTED if registration.created else status.HTTP_200_OK
+    response.headers["Location"] = f"/v1/models/{model.id}"
+    job = registration.validation_job
+    return ModelRegistered(**model.model_dump(), validation_job_id=job.id if job is not None else None)
+
+
+@router.get("", response_model=Page[ModelOut])
+def list_models(
+    session: SessionDep,
+    page: PageDep,
+    model_status: Annotated[ModelStatus | None, Query(alias="status")] = None,
+    arch: Annotated[Architecture | None, Query()] = None,
+) -> Page[ModelOut]:
+    """Registered models, newest first, each with its evaluations."""
+    models, cursor = service.list_models(session=session, page=page, status=model_status, arch=arch)
+    evaluations = service.evaluations_by_model(session, [model.id for model in models])
+    active_id = service.active_model_id(session)
+    items = [_model_out(model, active_id, evaluations.get(model.id, [])) for model in models]
+    return Page[ModelOut](items=items, next_cursor=cursor)
+
+
+@router.get(
+    "/active", response_model=ModelOut, responses={404: _problem("No model is active (no-active-model)")}
+)
+def get_active_model(session: SessionDep) -> ModelOut:
+    return _detail(session, service.get_active_model(session=session))
+
+
+@router.get("/activations", response_model=Page[ActivationOut])
+def list_activations(
+    session: SessionDep, page: PageDep, model_id: Annotated[uuid.UUID | None, Query()] = None
+) -> Page[ActivationOut]:
+    """The activation log, newest first: who put which model in service, when, why, and what it replaced."""
+    rows, cursor = service.list_activations(session=session, page=page, model_id=model_id)
+    return Page[ActivationOut](items=[ActivationOut.model_validate(row) for row in rows], next_cursor=cursor)
+
+
+@router.get("/{model_id}", response_model=ModelOut, responses={404: _problem("No such model")})
+def get_model(model_id: uuid.UUID, session: SessionDep) -> ModelOut:
+    return _detail(session, service.get_model_row(session, model_id))
+
+
+@router.get(
+    "/{model_id}/checkpoint",
+    response_class=FileResponse,
+    responses={
+        200: {"description": "The checkpoint's bytes", "content": {"application/octet-stream": {}}},
+        404: _problem("No such model"),
+    },
+)
+def download_checkpoint(model_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    model, path = service.checkpoint_file(
+        session=session, store=BlobStore(settings.blob_dir), model_id=model_id
+    )
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{model.arch}-{model.id}.pt")
+
+
+@router.post(
+    "/{model_id}/activate",
+    response_model=ActivationResult,
+    responses={404: _problem("No such model"), 409: _problem("The model is not ready (model-not-ready)")},
+)
+def activate_model(
+    model_id: uuid.UUID,
+    session: SessionDep,
+    settings: SettingsDep,
+    body: Annotated[ActivationRequest | None, Body()] = None,
+) -> ActivationResult:
+    """Put a ready model in service and queue the reindex of every face with it; a rollback is this call
+    with the previous model's id."""
+    body = body or ActivationRequest()
+    outcome = service.activate(
+        session=session, settings=settings, model_id=model_id, actor=body.actor, reason=body.reason
+    )
+    session.commit()
+    reindex = outcome.reindex_job
+    return ActivationResult(
+        **ActivationOut.model_validate(outcome.activation).model_dump(),
+        reindex_job_id=reindex.id if reindex is not None else None,
+    )

@@ -1,0 +1,78 @@
+"""Model registry resources as the api shows them."""
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.faces.schemas import UtcDatetime
+
+ARCHITECTURES = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
+Architecture = Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"]
+ModelStatus = Literal["validating", "ready", "invalid"]
+
+
+class EvaluationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    split: str
+    pairs_sha256: str
+    pair_count: int
+    threshold: float | None
+    metrics: dict[str, Any]
+    job_id: uuid.UUID | None
+    created_at: UtcDatetime
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str | None
+    arch: str
+    status: ModelStatus
+    status_reason: str | None
+    sha256: str
+    byte_size: int
+    embedding_size: int | None
+    preprocess: dict[str, Any] | None
+    threshold: float | None
+    parent_id: uuid.UUID | None
+    created_by_job_id: uuid.UUID | None
+    hyperparameters: dict[str, Any] | None
+    dataset_snapshot: dict[str, Any] | None
+    created_at: UtcDatetime
+    validated_at: UtcDatetime | None
+    is_active: bool = False
+    evaluations: list[EvaluationOut] = Field(default_factory=list, description="newest first")
+
+
+class ModelRegistered(ModelOut):
+    validation_job_id: uuid.UUID | None = Field(
+        None, description="the job that loads the checkpoint strictly; null when the model was known already"
+    )
+
+
+class ActivationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, max_length=2000)
+    actor: str | None = Field(None, max_length=256)
+
+
+class ActivationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    model_id: uuid.UUID
+    previous_model_id: uuid.UUID | None
+    actor: str | None
+    reason: str | None
+    job_id: uuid.UUID | None = Field(None, description="the job that caused the activation (auto-promotion)")
+    created_at: UtcDatetime
+
+
+class ActivationResult(ActivationOut):
+    reindex_job_id: uuid.UUID | None = Field(
+        None, description="the job that embeds every face with this model; null when it was active already"
+    )

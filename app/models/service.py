@@ -1,0 +1,266 @@
+"""The model registry: register checkpoints, read them with their evaluations, choose the model in service.
+
+Torch-free and database-only, so the worker's auto-promotion calls `activate_model` just like the api does.
+"""
+
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from app.blobs import BlobStore, StagedBlob
+from app.checkpoint_scan import CheckpointRejected, scan_checkpoint
+from app.config import Settings
+from app.jobs import service as jobs_service
+from app.pagination import PageParams, next_cursor, paginate
+from app.problems import Problem, not_found
+from app.tables import Activation, Evaluation, Job, ModelVersion
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "checkpoints"
+_ACTIVATION_LOCK = 0x6D6167_61637476  # one PostgreSQL advisory lock serialises activations
+
+
+def _lock(session: Session, key: int | str) -> None:
+    """Serialise concurrent writers on PostgreSQL for this transaction (SQLite serialises writes anyway)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    if isinstance(key, str):
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
+    else:
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def get_model_row(session: Session, model_id: uuid.UUID | str) -> ModelVersion:
+    try:
+        key = model_id if isinstance(model_id, uuid.UUID) else uuid.UUID(str(model_id))
+    except ValueError:
+        raise not_found("model", model_id) from None
+    model = session.get(ModelVersion, key, populate_existing=True)
+    if model is None:
+        raise not_found("model", key)
+    return model
+
+
+def require_ready_model(session: Session, model_id: uuid.UUID | str) -> ModelVersion:
+    model = get_model_row(session, model_id)
+    if model.status != "ready":
+        reason = f": {model.status_reason}" if model.status_reason else ""
+        raise Problem(
+            409,
+            "model-not-ready",
+            "Model not ready",
+            f"model {model.id} is {model.status}{reason}",
+            model_id=str(model.id),
+            model_status=model.status,
+        )
+    return model
+
+
+def current_activation(session: Session) -> Activation | None:
+    statement = select(Activation).order_by(Activation.created_at.desc(), Activation.id.desc()).limit(1)
+    return session.scalars(statement).first()
+
+
+def active_model_id(session: Session) -> uuid.UUID | None:
+    """The model in service: the one named by the latest activation."""
+    activation = current_activation(session)
+    return activation.model_id if activation is not None else None
+
+
+def get_active_model(*, session: Session) -> ModelVersion:
+    model_id = active_model_id(session)
+    if model_id is None:
+        raise Problem(404, "no-active-model", "No active model", "no model has been activated yet")
+    return get_model_row(session, model_id)
+
+
+def evaluations_by_model(session: Session, model_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Evaluation]]:
+    """Evaluations of several models in one query, newest first."""
+    found: dict[uuid.UUID, list[Evaluation]] = defaultdict(list)
+    if not model_ids:
+        return found
+    statement = (
+        select(Evaluation)
+        .where(Evaluation.model_id.in_(model_ids))
+        .order_by(Evaluation.created_at.desc(), Evaluation.id.desc())
+    )
+    for evaluation in session.scalars(statement):
+        found[evaluation.model_id].append(evaluation)
+    return found
+
+
+def list_models(
+    *, session: Session, page: PageParams, status: str | None = None, arch: str | None = None
+) -> tuple[list[ModelVersion], str | None]:
+    statement = select(ModelVersion)
+    if status is not None:
+        statement = statement.where(ModelVersion.status == status)
+    if arch is not None:
+        statement = statement.where(ModelVersion.arch == arch)
+    rows = session.scalars(paginate(statement, ModelVersion, page)).all()
+    return next_cursor(rows, page.limit)
+
+
+def checkpoint_file(*, session: Session, store: BlobStore, model_id: uuid.UUID) -> tuple[ModelVersion, Path]:
+    model = get_model_row(session, model_id)
+    path = store.path(NAMESPACE, model.sha256)
+    if not path.is_file():
+        raise Problem(
+            404,
+            "checkpoint-missing",
+            "Checkpoint missing",
+            f"the checkpoint of model {model.id} is not stored",
+        )
+    return model, path
+
+
+@dataclass
+class Registration:
+    model: ModelVersion
+    created: bool
+    validation_job: Job | None
+
+
+def _registered(session: Session, sha256: str, arch: str) -> ModelVersion | None:
+    statement = (
+        select(ModelVersion)
+        .where(ModelVersion.sha256 == sha256, ModelVersion.arch == arch)
+        .order_by(ModelVersion.created_at)
+        .limit(1)
+    )
+    return session.scalars(statement).first()
+
+
+def _sha_in_use(session: Session, sha256: str) -> bool:
+    return bool(session.scalar(select(func.count()).where(ModelVersion.sha256 == sha256)))
+
+
+def register_model(
+    *,
+    session: Session,
+    settings: Settings,
+    store: BlobStore,
+    blob: StagedBlob,
+    arch: str,
+    name: str | None = None,
+) -> Registration:
+    """Keep an uploaded checkpoint as a `validating` model and queue its strict load by the worker.
+
+    The file is scanned before its blob is committed, so a refused upload leaves nothing behind. The same
+    bytes under the same architecture return the model registered before. Commits the session.
+    """
+    if blob.size == 0:
+        raise Problem(422, "empty-checkpoint", "Empty checkpoint", "the uploaded file has no bytes")
+    sha = blob.finish()
+    _lock(session, f"model:{sha}:{arch}")
+    existing = _registered(session, sha, arch)
+    if existing is not None:
+        session.commit()
+        return Registration(existing, created=False, validation_job=None)
+    try:
+        scan = scan_checkpoint(blob.path)
+    except CheckpointRejected as exc:
+        session.rollback()
+        extra = {"offending_global": exc.offending} if exc.offending else {}
+        titles = {
+            "empty-checkpoint": "Empty checkpoint",
+            "not-a-checkpoint": "Not a checkpoint",
+            "checkpoint-contains-code": "Checkpoint contains code",
+        }
+        raise Problem(422, exc.kind, titles[exc.kind], exc.detail, **extra) from exc
+
+    blob_was_there = store.exists(NAMESPACE, sha)
+    blob.commit()
+    try:
+        model = ModelVersion(
+            name=name or None, arch=arch, status="validating", sha256=sha, byte_size=blob.size
+        )
+        session.add(model)
+        session.flush()
+        job = jobs_service.create_job(
+            session=session, settings=settings, kind="validate_model", params={"model": str(model.id)}
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if not blob_was_there and not _sha_in_use(session, sha):
+            store.delete(NAMESPACE, sha)
+        raise
+    log.info("model %s registered (%s, %s checkpoint, sha256 %s)", model.id, arch, scan.format, sha)
+    return Registration(model, created=True, validation_job=job)
+
+
+@dataclass
+class ActivationOutcome:
+    activation: Activation
+    reindex_job: Job | None
+
+
+def activate(
+    *,
+    session: Session,
+    settings: Settings,
+    model_id: uuid.UUID,
+    actor: str | None = None,
+    reason: str | None = None,
+    job_id: uuid.UUID | None = None,
+) -> ActivationOutcome:
+    """`activate_model`, also returning the reindex job it queued (None when the model was active already)."""
+    _lock(session, _ACTIVATION_LOCK)
+    model = require_ready_model(session, model_id)
+    current = current_activation(session)
+    if current is not None and current.model_id == model.id:
+        return ActivationOutcome(current, None)
+    activation = Activation(
+        model_id=model.id,
+        previous_model_id=current.model_id if current is not None else None,
+        actor=actor,
+        reason=reason,
+        job_id=job_id,
+    )
+    session.add(activation)
+    session.flush()
+    reindex = jobs_service.create_job(
+        session=session,
+        settings=settings,
+        kind="reindex",
+        params={"model": str(model.id)},
+        parent_job_id=job_id,
+    )
+    return ActivationOutcome(activation, reindex)
+
+
+def activate_model(
+    *,
+    session: Session,
+    settings: Settings,
+    model_id: uuid.UUID,
+    actor: str | None = None,
+    reason: str | None = None,
+    job_id: uuid.UUID | None = None,
+) -> Activation:
+    """Put a `ready` model in service, log who, why and what it replaced, and queue its reindex.
+
+    Does not commit: the caller's commit makes the activation visible and only then sends the reindex job.
+    Activating the model already in service changes nothing and returns the activation in force.
+    Raises Problem 404 (unknown model) or 409 "model-not-ready".
+    """
+    return activate(
+        session=session, settings=settings, model_id=model_id, actor=actor, reason=reason, job_id=job_id
+    ).activation
+
+
+def list_activations(
+    *, session: Session, page: PageParams, model_id: uuid.UUID | None = None
+) -> tuple[list[Activation], str | None]:
+    statement = select(Activation)
+    if model_id is not None:
+        statement = statement.where(Activation.model_id == model_id)
+    rows = session.scalars(paginate(statement, Activation, page)).all()
+    return next_cursor(rows, page.limit)

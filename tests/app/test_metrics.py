@@ -1,0 +1,236 @@
+"""The dashboard document (`GET /v1/metrics`) and the Prometheus text (`GET /metrics`)."""
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.config import Settings
+from app.db import session_scope
+from app.observability import record_feedback_ingested
+from app.tables import Activation, Evaluation, Face, FaceEmbedding, FeedbackPair, ModelVersion
+from tests.app.test_jobs import insert_job, insert_model
+from tests.app.test_queue import QueueProbe, isolated_queue
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[QueueProbe]:
+    with isolated_queue(redis_url) as queue:
+        yield queue
+
+
+@pytest.fixture
+def settings(postgres_url: str, tmp_path: Path, broker: QueueProbe) -> Settings:
+    return Settings(
+        database_url=postgres_url, broker_url=broker.url, queue_name=broker.name, data_dir=tmp_path / "data"
+    )
+
+
+def insert_faces(settings: Settings, splits: list[str]) -> list[uuid.UUID]:
+    with session_scope(settings.database_url) as session:
+        faces = [
+            Face(
+                sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
+                byte_size=100,
+                media_type="image/png",
+                width=112,
+                height=112,
+                channels=3,
+                split=split,
+            )
+            for split in splits
+        ]
+        session.add_all(faces)
+        session.flush()
+        return [face.id for face in faces]
+
+
+def insert_pairs(settings: Settings, faces: list[uuid.UUID], pairs: list[tuple[int, int, int, str]]) -> None:
+    with session_scope(settings.database_url) as session:
+        for a, b, label, split in pairs:
+            low, high = sorted((faces[a], faces[b]))
+            session.add(FeedbackPair(face_a=low, face_b=high, label=label, split=split))
+
+
+def evaluation(model_id: uuid.UUID, job_id: uuid.UUID | None, split: str, auc: float) -> Evaluation:
+    return Evaluation(
+        model_id=model_id,
+        job_id=job_id,
+        split=split,
+        pairs_sha256="ab" * 32,
+        pair_count=40,
+        threshold=0.3,
+        metrics={"auc": auc},
+    )
+
+
+def test_an_empty_service(client: TestClient) -> None:
+    body = client.get("/v1/metrics").json()
+
+    assert body["feedback"]["total"] == 0
+    assert body["feedback"]["by_label"] == {"1": 0, "0": 0}
+    assert body["faces"] == {
+        "total": 0,
+        "by_split": {"train": 0, "val": 0, "test": 0},
+        "embedded_by_active_model": None,
+    }
+    assert body["jobs"]["total"] == 0
+    assert body["active_model"] is None
+    assert body["latest_finetune"] is None
+
+
+def test_the_dashboard_counts_and_compares(client: TestClient, settings: Settings) -> None:
+    faces = insert_faces(settings, ["train", "train", "train", "test", "test", "val"])
+    insert_pairs(
+        settings,
+        faces,
+        [
+            (0, 1, 1, "train"),
+            (0, 2, 0, "train"),
+            (1, 2, 0, "train"),
+            (3, 4, 1, "test"),
+            (4, 5, 0, "regression"),
+        ],
+    )
+    parent = insert_model(settings)
+    finetune = insert_job(
+        settings,
+        status="succeeded",
+        params={"base_model": str(parent)},
+        result={"gate": {"promoted": True, "reasons": ["test AUC not worse"], "test": {"auc": 0.99}}},
+    )
+    insert_job(settings, kind="finetune", status="failed", created_at=datetime.now(UTC) - timedelta(days=1))
+    insert_job(settings, kind="reindex", status="running")
+    with session_scope(settings.database_url) as session:
+        child = ModelVersion(
+            arch="mobilefacenet",
+            status="ready",
+            sha256="cd" * 32,
+            byte_size=10,
+            parent_id=parent,
+            created_by_job_id=finetune,
+            threshold=0.31,
+        )
+        session.add(child)
+        session.flush()
+        child_id = child.id
+        session.add_all(
+            [
+                evaluation(parent, finetune, "test", 0.95),
+                evaluation(child_id, finetune, "test", 0.99),
+                evaluation(parent, finetune, "regression", 0.97),
+                evaluation(child_id, finetune, "regression", 0.969),
+                evaluation(child_id, None, "val", 0.98),
+            ]
+        )
+        session.add(
+            Activation(model_id=child.id, previous_model_id=parent, actor="auto-promote", job_id=finetune)
+        )
+        session.add_all(
+            FaceEmbedding(face_id=face, model_id=child_id, vector=b"\0" * 16, quality=20.0)
+            for face in faces[:4]
+        )
+
+    body = client.get("/v1/metrics").json()
+
+    assert body["feedback"]["total"] == 5
+    assert body["feedback"]["by_label"] == {"1": 2, "0": 3}
+    assert body["feedback"]["by_split"] == {"train": 3, "val": 0, "test": 1, "regression": 1}
+    assert body["feedback"]["by_split_label"]["train"] == {"1": 1, "0": 2}
+    assert body["faces"] == {
+        "total": 6,
+        "by_split": {"train": 3, "val": 1, "test": 2},
+        "embedded_by_active_model": 4,
+    }
+    assert body["jobs"]["total"] == 3
+    assert body["jobs"]["by_status"]["succeeded"] == 1
+    assert body["jobs"]["by_kind_status"]["finetune"] == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 1,
+        "failed": 1,
+        "cancelled": 0,
+    }
+    active = body["active_model"]
+    assert active["id"] == str(child_id)
+    assert active["activated_by"] == "auto-promote"
+    assert {split: e["metrics"]["auc"] for split, e in active["latest_evaluations"].items()} == {
+        "test": 0.99,
+        "regression": 0.969,
+        "val": 0.98,
+    }
+    latest = body["latest_finetune"]
+    assert latest["job_id"] == str(finetune)
+    assert latest["parent_model_id"] == str(parent)
+    assert latest["new_model_id"] == str(child_id)
+    assert latest["evaluations"]["test"]["candidate"]["metrics"] == {"auc": 0.99}
+    assert latest["evaluations"]["test"]["parent"]["metrics"] == {"auc": 0.95}
+    assert latest["evaluations"]["regression"]["parent"]["metrics"] == {"auc": 0.97}
+    assert latest["promoted"] is True
+    assert latest["gate"]["reasons"] == ["test AUC not worse"]
+
+
+def test_a_finetune_without_results_is_shown_as_far_as_it_got(client: TestClient, settings: Settings) -> None:
+    parent = insert_model(settings)
+    insert_job(settings, status="running", params={"base_model": str(parent)}, progress={"epoch": 2})
+
+    latest = client.get("/v1/metrics").json()["latest_finetune"]
+
+    assert latest["status"] == "running"
+    assert latest["progress"] == {"epoch": 2}
+    assert latest["new_model_id"] is None
+    assert latest["gate"] is None
+    assert latest["promoted"] is None
+    assert latest["evaluations"]["test"] == {"candidate": None, "parent": None}
+
+
+def _samples(text: str) -> dict[str, list]:
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def test_prometheus_text_has_the_service_figures(client: TestClient, settings: Settings) -> None:
+    started = datetime.now(UTC) - timedelta(minutes=3)
+    insert_job(
+        settings,
+        kind="evaluate",
+        status="succeeded",
+        started_at=started,
+        finished_at=started + timedelta(seconds=90),
+    )
+    insert_job(settings, kind="finetune", status="queued")
+    job_id = insert_job(settings, kind="reindex", status="running")
+    client.get(f"/v1/jobs/{job_id}")
+    client.get(f"/v1/jobs/{uuid.uuid4()}")
+    record_feedback_ingested(1, 2)
+
+    response = client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = _samples(response.text)
+    latency = {
+        (s.labels["route"], s.labels["status"])
+        for s in samples["magtune_http_request_duration_seconds"]
+        if s.name.endswith("_count")
+    }
+    assert {("/v1/jobs/{job_id}", "200"), ("/v1/jobs/{job_id}", "404")} <= latency
+    jobs = {(s.labels["kind"], s.labels["status"]): s.value for s in samples["magtune_jobs"]}
+    assert jobs == {("evaluate", "succeeded"): 1, ("finetune", "queued"): 1, ("reindex", "running"): 1}
+    durations = {
+        (s.name, s.labels.get("le")): s.value
+        for s in samples["magtune_job_duration_seconds"]
+        if s.labels["kind"] == "evaluate"
+    }
+    assert durations[("magtune_job_duration_seconds_bucket", "60.0")] == 0
+    assert durations[("magtune_job_duration_seconds_bucket", "120.0")] == 1
+    assert durations[("magtune_job_duration_seconds_count", None)] == 1
+    assert durations[("magtune_job_duration_seconds_sum", None)] == pytest.approx(90, abs=0.01)
+    ingested = {
+        s.labels["label"]: s.value for s in samples["magtune_feedback_ingested"] if s.name.endswith("_total")
+    }
+    assert ingested["1"] >= 2

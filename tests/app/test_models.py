@@ -1,0 +1,334 @@
+"""/v1/models and the checkpoint pre-check, against the real PostgreSQL and Redis.
+
+The tests build checkpoints with torch (the api itself never imports it).
+"""
+
+import collections
+import hashlib
+import io
+import json
+import os
+import pickle
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan_checkpoint
+from app.config import Settings
+from app.db import session_scope
+from app.main import create_app
+from app.models.service import activate_model
+from app.tables import Activation, Job
+from tests.app.test_jobs import insert_job, insert_model
+from tests.app.test_queue import QueueProbe, isolated_queue
+
+PROBLEM = "application/problem+json"
+
+
+class RunsAShellCommand:
+    """Unpickling this runs a shell command: what a malicious checkpoint looks like."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def saved(obj: object, *, legacy: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
+    return buffer.getvalue()
+
+
+def state_dict_checkpoint(seed: int = 0) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    weights = collections.OrderedDict(
+        [
+            ("conv.weight", torch.randn(4, 3, 3, 3, generator=generator)),
+            ("bn.num_batches_tracked", torch.tensor(3)),
+        ]
+    )
+    return saved({"epoch": 25, "arch": "iresnet18", "state_dict": weights})
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[QueueProbe]:
+    with isolated_queue(redis_url) as queue:
+        yield queue
+
+
+@pytest.fixture
+def settings(postgres_url: str, tmp_path: Path, broker: QueueProbe) -> Settings:
+    return Settings(
+        database_url=postgres_url, broker_url=broker.url, queue_name=broker.name, data_dir=tmp_path / "data"
+    )
+
+
+def upload(
+    client: TestClient, content: bytes, arch: str | None = "iresnet18", **fields: str
+) -> httpx.Response:
+    data = {"arch": arch, **fields} if arch is not None else fields
+    return client.post("/v1/models", files={"file": ("model.pth", content)}, data=data)
+
+
+def stored_files(settings: Settings) -> list[Path]:
+    root = settings.blob_dir / "checkpoints"
+    return [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
+
+
+class TestRegister:
+    def test_a_valid_checkpoint_is_stored_and_queued_for_validation(
+        self, client: TestClient, settings: Settings, broker: QueueProbe
+    ) -> None:
+        content = state_dict_checkpoint()
+
+        response = upload(client, content, name="magface-base")
+
+        assert response.status_code == 202
+        body = response.json()
+        assert response.headers["location"] == f"/v1/models/{body['id']}"
+        assert body["status"] == "validating"
+        assert body["arch"] == "iresnet18"
+        assert body["name"] == "magface-base"
+        assert body["sha256"] == hashlib.sha256(content).hexdigest()
+        assert body["byte_size"] == len(content)
+        assert body["is_active"] is False
+        job = client.get(f"/v1/jobs/{body['validation_job_id']}").json()
+        assert job["kind"] == "validate_model"
+        assert job["status"] == "queued"
+        assert job["params"] == {"model": body["id"]}
+        assert broker.sent_job_ids() == [job["id"]]
+        assert [path.name for path in stored_files(settings)] == [body["sha256"]]
+        assert client.get(f"/v1/models/{body['id']}/checkpoint").content == content
+
+    def test_a_legacy_format_checkpoint_is_accepted(self, client: TestClient) -> None:
+        content = saved({"state_dict": collections.OrderedDict(w=torch.zeros(2))}, legacy=True)
+
+        assert upload(client, content, arch="mobilefacenet").status_code == 202
+
+    def test_the_same_bytes_and_arch_return_the_registered_model(
+        self, client: TestClient, broker: QueueProbe
+    ) -> None:
+        content = state_dict_checkpoint()
+        first = upload(client, content).json()
+
+        again = upload(client, content)
+        other_arch = upload(client, content, arch="iresnet50")
+
+        assert again.status_code == 200
+        assert again.json()["id"] == first["id"]
+        assert again.json()["validation_job_id"] is None
+        assert other_arch.status_code == 202
+        assert other_arch.json()["id"] != first["id"]
+        assert len(broker.sent_job_ids()) == 2
+
+    @pytest.mark.parametrize(
+        ("content", "kind"),
+        [
+            (os.urandom(4096), "not-a-checkpoint"),
+            (json.dumps({"state_dict": {"w": [1, 2, 3]}}).encode(), "not-a-checkpoint"),
+            (pickle.dumps({"w": [1.0, 2.0]}), "not-a-checkpoint"),
+            (b"PK\x03\x04 a truncated zip", "not-a-checkpoint"),
+            (b"", "empty-checkpoint"),
+        ],
+        ids=["random-bytes", "json", "plain-pickle", "broken-zip", "empty"],
+    )
+    def test_what_is_not_a_checkpoint_is_refused_and_not_kept(
+        self, client: TestClient, settings: Settings, broker: QueueProbe, content: bytes, kind: str
+    ) -> None:
+        response = upload(client, content)
+
+        assert response.status_code == 422
+        assert response.headers["content-type"] == PROBLEM
+        assert response.json()["type"].endswith(f"/{kind}")
+        assert stored_files(settings) == []
+        assert client.get("/v1/models").json()["items"] == []
+        assert broker.sent_job_ids() == []
+
+    def test_a_checkpoint_carrying_code_is_refused_without_running_it(
+        self, client: TestClient, settings: Settings, tmp_path: Path
+    ) -> None:
+        marker = tmp_path / "pwned"
+        content = saved({"state_dict": {"w": torch.zeros(1)}, "extra": RunsAShellCommand(marker)})
+
+        response = upload(client, content)
+
+        assert response.status_code == 422
+        problem = response.json()
+        assert problem["type"].endswith("/checkpoint-contains-code")
+        assert "posix.system" in problem["detail"]
+        assert problem["offending_global"] == "posix.system"
+        assert not marker.exists()
+        assert stored_files(settings) == []
+
+    def test_an_oversized_checkpoint_is_a_413_and_leaves_nothing(self, settings: Settings) -> None:
+        small = settings.model_copy(update={"max_checkpoint_bytes": 1024})
+        with TestClient(create_app(small, run_sweeper=False)) as client:
+            response = upload(client, state_dict_checkpoint())
+
+        assert response.status_code == 413
+        assert response.headers["content-type"] == PROBLEM
+        root = settings.blob_dir / "checkpoints"
+        assert not root.exists() or [path for path in root.rglob("*") if path.is_file()] == []
+
+    @pytest.mark.parametrize("arch", [None, "resnet9000"])
+    def test_arch_is_required_and_checked(self, client: TestClient, arch: str | None) -> None:
+        response = upload(client, state_dict_checkpoint(), arch=arch)
+
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["loc"] == ["body", "arch"]
+
+
+class TestRead:
+    def test_get_list_and_filter(self, client: TestClient, settings: Settings) -> None:
+        ready = insert_model(settings, status="ready")
+        invalid = insert_model(settings, status="invalid")
+
+        listed = client.get("/v1/models").json()["items"]
+        only_ready = client.get("/v1/models", params={"status": "ready"}).json()["items"]
+        detail = client.get(f"/v1/models/{invalid}").json()
+
+        assert [item["id"] for item in listed] == [str(invalid), str(ready)]
+        assert [item["id"] for item in only_ready] == [str(ready)]
+        assert detail["status"] == "invalid"
+        for key in ("status_reason", "parent_id", "created_by_job_id", "hyperparameters", "dataset_snapshot"):
+            assert key in detail
+        assert detail["evaluations"] == []
+
+    @pytest.mark.parametrize("suffix", ["", "/checkpoint", "/activate"])
+    def test_unknown_model_is_a_404_problem(self, client: TestClient, suffix: str) -> None:
+        url = f"/v1/models/{uuid.uuid4()}{suffix}"
+        response = client.post(url) if suffix == "/activate" else client.get(url)
+
+        assert response.status_code == 404
+        assert response.headers["content-type"] == PROBLEM
+        assert response.json()["type"].endswith("/unknown-model")
+
+
+class TestActivate:
+    def test_no_active_model_is_a_404_problem(self, client: TestClient) -> None:
+        response = client.get("/v1/models/active")
+
+        assert response.status_code == 404
+        assert response.json()["type"].endswith("/no-active-model")
+
+    @pytest.mark.parametrize("status", ["validating", "invalid"])
+    def test_a_model_that_is_not_ready_cannot_be_activated(
+        self, client: TestClient, settings: Settings, status: str
+    ) -> None:
+        model = insert_model(settings, status=status)
+
+        response = client.post(f"/v1/models/{model}/activate", json={"reason": "try"})
+
+        assert response.status_code == 409
+        assert response.json()["type"].endswith("/model-not-ready")
+        assert client.get("/v1/models/activations").json()["items"] == []
+
+    def test_activation_is_logged_and_queues_a_reindex(
+        self, client: TestClient, settings: Settings, broker: QueueProbe
+    ) -> None:
+        first, second = insert_model(settings), insert_model(settings)
+
+        one = client.post(f"/v1/models/{first}/activate")
+        two = client.post(f"/v1/models/{second}/activate", json={"reason": "better on test", "actor": "ops"})
+        back = client.post(f"/v1/models/{first}/activate", json={"reason": "rollback"})
+
+        assert one.status_code == two.status_code == back.status_code == 200
+        assert one.json()["previous_model_id"] is None
+        assert two.json()["previous_model_id"] == str(first)
+        assert two.json()["actor"] == "ops"
+        assert back.json()["previous_model_id"] == str(second)
+        reindex = client.get(f"/v1/jobs/{two.json()['reindex_job_id']}").json()
+        assert reindex["kind"] == "reindex"
+        assert reindex["params"] == {"model": str(second)}
+        assert len(broker.sent_job_ids()) == 3
+        active = client.get("/v1/models/active").json()
+        assert active["id"] == str(first)
+        assert active["is_active"] is True
+        log = client.get("/v1/models/activations").json()["items"]
+        assert [entry["model_id"] for entry in log] == [str(first), str(second), str(first)]
+        assert [entry["reason"] for entry in log] == ["rollback", "better on test", None]
+        of_second = client.get("/v1/models/activations", params={"model_id": str(second)}).json()["items"]
+        assert [entry["id"] for entry in of_second] == [two.json()["id"]]
+
+    def test_activating_the_active_model_changes_nothing(
+        self, client: TestClient, settings: Settings, broker: QueueProbe
+    ) -> None:
+        model = insert_model(settings)
+        first = client.post(f"/v1/models/{model}/activate").json()
+
+        again = client.post(f"/v1/models/{model}/activate", json={"reason": "again"}).json()
+
+        assert again["id"] == first["id"]
+        assert again["reindex_job_id"] is None
+        assert len(broker.sent_job_ids()) == 1
+
+    def test_the_worker_can_activate_within_its_own_transaction(
+        self, settings: Settings, broker: QueueProbe
+    ) -> None:
+        model = insert_model(settings)
+        finetune = insert_job(settings, status="running")
+
+        with session_scope(settings.database_url) as session:
+            activation = activate_model(
+                session=session,
+                settings=settings,
+                model_id=model,
+                actor="auto-promote",
+                reason="gate",
+                job_id=finetune,
+            )
+            assert broker.sent_job_ids() == []
+        with session_scope(settings.database_url) as session:
+            stored = session.get(Activation, activation.id)
+            reindex = session.query(Job).filter(Job.kind == "reindex").one()
+            assert (stored.model_id, stored.job_id, stored.actor) == (model, finetune, "auto-promote")
+            assert reindex.parent_job_id == finetune
+        assert broker.sent_job_ids() == [str(reindex.id)]
+
+
+class TestCheckpointScan:
+    def test_the_allowlist_is_within_what_torch_loads_with_weights_only(self) -> None:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        assert set(ALLOWED_GLOBALS) <= set(_get_allowed_globals())
+
+    def test_the_shared_mobilefacenet_checkpoint_passes(self, mobilefacenet_checkpoint: Path) -> None:
+        scan = scan_checkpoint(mobilefacenet_checkpoint)
+
+        assert scan.globals <= ALLOWED_GLOBALS
+        assert "torch._utils._rebuild_tensor_v2" in scan.globals
+
+    @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+    def test_globals_are_found_whatever_the_pickle_protocol(self, tmp_path: Path, protocol: int) -> None:
+        path = tmp_path / "crafted.pt"
+        payload = pickle.dumps(
+            {"state_dict": {}, "x": RunsAShellCommand(tmp_path / "pwned")}, protocol=protocol
+        )
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", payload)
+
+        with pytest.raises(CheckpointRejected) as rejected:
+            scan_checkpoint(path)
+
+        assert rejected.value.kind == "checkpoint-contains-code"
+        assert rejected.value.offending == "posix.system"
+
+    @pytest.mark.filterwarnings("ignore::DeprecationWarning")
+    def test_whole_modules_and_torchscript_are_refused(self, tmp_path: Path) -> None:
+        module = tmp_path / "module.pt"
+        torch.save(torch.nn.Linear(2, 2), module)
+        script = tmp_path / "script.pt"
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
+
+        for path in (module, script):
+            with pytest.raises(CheckpointRejected) as rejected:
+                scan_checkpoint(path)
+            assert rejected.value.kind == "checkpoint-contains-code"

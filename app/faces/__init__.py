@@ -1,0 +1,1 @@
+"""Face crops: upload (deduplicated by content), read, list and erase."""

@@ -1,0 +1,131 @@
+"""`/v1/faces`: upload, read, list and erase face crops."""
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from app.blobs import BlobStore
+from app.config import Settings
+from app.deps import PageDep, SessionDep, SettingsDep
+from app.faces import service
+from app.faces.schemas import FaceOut
+from app.pagination import Page
+from app.problems import PROBLEM_MEDIA_TYPE
+from app.uploads import receive_upload
+
+router = APIRouter(prefix="/faces", tags=["faces"])
+
+MAX_LABEL_CHARS = 256
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JPEG, PNG, WebP or BMP",
+                        },
+                        "subject": {"type": "string", "maxLength": MAX_LABEL_CHARS},
+                        "source": {"type": "string", "maxLength": MAX_LABEL_CHARS},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _problem(description: str) -> dict:
+    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {}}}
+
+
+def blob_store(settings: Settings) -> BlobStore:
+    return BlobStore(settings.blob_dir)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FaceOut,
+    openapi_extra=_UPLOAD_BODY,
+    responses={
+        200: {"model": FaceOut, "description": "These bytes were stored before: the existing face"},
+        413: _problem("The file is over `max_image_bytes` (upload-too-large)"),
+        415: _problem("Not multipart, or the file is not a JPEG, PNG, WebP or BMP image"),
+        422: _problem("Empty upload, corrupt image, or over `max_image_pixels` (image-too-large)"),
+    },
+)
+async def upload_face(
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep
+) -> FaceOut:
+    """Store a face crop. The same bytes again answer 200 with the face stored before."""
+    store = blob_store(settings)
+    async with receive_upload(
+        request,
+        store,
+        namespace=service.NAMESPACE,
+        max_bytes=settings.max_image_bytes,
+        text_fields=("subject", "source"),
+        max_field_chars=MAX_LABEL_CHARS,
+    ) as upload:
+        face, created = await run_in_threadpool(
+            lambda: service.store_face(
+                session=session,
+                store=store,
+                blob=upload.blob,
+                max_pixels=settings.max_image_pixels,
+                split_fractions=settings.split_fractions,
+                subject=upload.fields.get("subject"),
+                source=upload.fields.get("source"),
+            )
+        )
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"{request.url.path.rstrip('/')}/{face.id}"
+    return FaceOut.model_validate(face)
+
+
+@router.get("", response_model=Page[FaceOut])
+def list_faces(
+    session: SessionDep,
+    page: PageDep,
+    subject: Annotated[str | None, Query(max_length=MAX_LABEL_CHARS)] = None,
+    split: Annotated[str | None, Query(max_length=16)] = None,
+) -> Page[FaceOut]:
+    """Faces, newest first."""
+    faces, cursor = service.list_faces(session=session, page=page, subject=subject, split=split)
+    return Page[FaceOut](items=[FaceOut.model_validate(face) for face in faces], next_cursor=cursor)
+
+
+@router.get("/{face_id}", response_model=FaceOut, responses={404: _problem("No such face")})
+def get_face(face_id: uuid.UUID, session: SessionDep) -> FaceOut:
+    return FaceOut.model_validate(service.get_face(session=session, face_id=face_id))
+
+
+@router.get(
+    "/{face_id}/image",
+    response_class=FileResponse,
+    responses={
+        200: {"description": "The original bytes", "content": {"image/*": {}}},
+        404: _problem("No such face"),
+    },
+)
+def get_face_image(face_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    """The image exactly as uploaded."""
+    path, media_type = service.face_image(session=session, store=blob_store(settings), face_id=face_id)
+    return FileResponse(path, media_type=media_type)
+
+
+@router.delete("/{face_id}", status_code=204, responses={404: _problem("No such face")})
+def delete_face(face_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> Response:
+    """Erase a face, its image, its embeddings and every feedback pair that names it."""
+    service.delete_face(session=session, store=blob_store(settings), face_id=face_id)
+    return Response(status_code=204)

@@ -1,0 +1,121 @@
+"""Faces: a face is its image's bytes, stored once whatever the number of uploads."""
+
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.blobs import BlobStore, StagedBlob
+from app.images import inspect_image
+from app.pagination import PageParams, next_cursor, paginate
+from app.problems import Problem, not_found
+from app.splits import split_for_digest
+from app.tables import Face
+
+NAMESPACE = "faces"
+
+
+def store_face(
+    *,
+    session: Session,
+    store: BlobStore,
+    blob: StagedBlob,
+    max_pixels: int,
+    split_fractions: Mapping[str, float],
+    subject: str | None = None,
+    source: str | None = None,
+) -> tuple[Face, bool]:
+    """Keep a received image as a face, or return the face that already has these bytes.
+
+    Returns the face and whether it was created. The image is validated before its blob is committed and the
+    blob is committed before its row, so a failure leaves no orphan row; a blob this call placed is removed
+    again if the row cannot be written. Subject and source of an existing face are left as they were.
+    """
+    if blob.size == 0:
+        raise Problem(422, "empty-upload", "Empty upload", "the uploaded file has no bytes")
+    sha = blob.finish()
+    existing = _face_by_sha(session, sha)
+    if existing is not None:
+        return existing, False
+
+    info = inspect_image(blob.path, max_pixels=max_pixels)
+    blob_was_there = store.exists(NAMESPACE, sha)
+    blob.commit()
+    face = Face(
+        sha256=sha,
+        byte_size=blob.size,
+        media_type=info.media_type,
+        width=info.width,
+        height=info.height,
+        channels=info.channels,
+        split=split_for_digest(sha, split_fractions),
+        subject=subject or None,
+        source=source or None,
+    )
+    session.add(face)
+    try:
+        session.commit()
+    except IntegrityError:
+        # The same bytes arrived concurrently and the other upload's row won: it owns the blob too.
+        session.rollback()
+        existing = _face_by_sha(session, sha)
+        if existing is None:
+            raise
+        return existing, False
+    except BaseException:
+        session.rollback()
+        if not blob_was_there:
+            store.delete(NAMESPACE, sha)
+        raise
+    return face, True
+
+
+def get_face(*, session: Session, face_id: uuid.UUID) -> Face:
+    face = session.get(Face, face_id)
+    if face is None:
+        raise not_found("face", face_id)
+    return face
+
+
+def face_image(*, session: Session, store: BlobStore, face_id: uuid.UUID) -> tuple[Path, str]:
+    """The image file of a face and its media type."""
+    face = get_face(session=session, face_id=face_id)
+    path = store.path(NAMESPACE, face.sha256)
+    if not path.is_file():
+        raise Problem(
+            500, "missing-blob", "Image missing", f"the image of face {face_id} is not in the store"
+        )
+    return path, face.media_type
+
+
+def list_faces(
+    *, session: Session, page: PageParams, subject: str | None = None, split: str | None = None
+) -> tuple[Sequence[Face], str | None]:
+    statement = select(Face)
+    if subject is not None:
+        statement = statement.where(Face.subject == subject)
+    if split is not None:
+        statement = statement.where(Face.split == split)
+    rows = session.scalars(paginate(statement, Face, page)).all()
+    return next_cursor(rows, page.limit)
+
+
+def delete_face(*, session: Session, store: BlobStore, face_id: uuid.UUID) -> None:
+    """Erase a face: the database cascades to its feedback and embeddings, then its image goes.
+
+    The blob is removed only after the commit (a failed delete keeps the image) and only when no row names
+    its sha any more (a concurrent re-upload of the same bytes keeps it).
+    """
+    face = get_face(session=session, face_id=face_id)
+    sha = face.sha256
+    session.delete(face)
+    session.commit()
+    if _face_by_sha(session, sha) is None:
+        store.delete(NAMESPACE, sha)
+
+
+def _face_by_sha(session: Session, sha: str) -> Face | None:
+    return session.scalar(select(Face).where(Face.sha256 == sha))

@@ -1,0 +1,1 @@
+"""Same/different judgements on pairs of faces: the training and evaluation signal."""

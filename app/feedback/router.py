@@ -1,0 +1,109 @@
+"""`/v1/feedback`: record, batch-record, read, list and retract same/different judgements."""
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+
+from app.deps import PageDep, SessionDep, SettingsDep
+from app.feedback import service
+from app.feedback.schemas import FeedbackBatchIn, FeedbackBatchOut, FeedbackIn, FeedbackOut
+from app.idempotency import REPLAYED_HEADER, Answer, IdempotencyKey, run_idempotently
+from app.observability import record_feedback_ingested
+from app.pagination import Page
+from app.problems import PROBLEM_MEDIA_TYPE
+
+router = APIRouter(prefix="/feedback", tags=["feedback"])
+
+
+def _problem(description: str) -> dict:
+    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {}}}
+
+
+def _respond(answer: Answer, location: str | None = None) -> JSONResponse:
+    headers = {REPLAYED_HEADER: "true"} if answer.replayed else {}
+    if location is not None:
+        headers["Location"] = location
+    return JSONResponse(answer.body, status_code=answer.status_code, headers=headers)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FeedbackOut,
+    responses={
+        200: {"model": FeedbackOut, "description": "The pair was recorded before with the same label"},
+        409: _problem("The pair has another label (conflicting-label), or the Idempotency-Key was reused"),
+        422: _problem("Invalid body, unknown face, or a face paired with itself (same-face)"),
+    },
+)
+def create_feedback(
+    item: FeedbackIn, session: SessionDep, idempotency_key: IdempotencyKey = None
+) -> Response:
+    """Record one judgement on a pair of faces; (a, b) and (b, a) are the same pair."""
+
+    def act() -> tuple[int, dict]:
+        stored, created = service.record_feedback(session=session, item=item)
+        return (201 if created else 200), FeedbackOut.model_validate(stored).model_dump(mode="json")
+
+    payload = item.model_dump(mode="json")
+    answer = run_idempotently(
+        session, key=idempotency_key, endpoint="POST /v1/feedback", payload=payload, act=act
+    )
+    if answer.status_code == 201 and not answer.replayed:
+        record_feedback_ingested(item.label)
+    return _respond(answer, location=f"/v1/feedback/{answer.body['id']}")
+
+
+@router.post(
+    "/batch",
+    response_model=FeedbackBatchOut,
+    responses={413: _problem("More items than `max_feedback_batch`; nothing was stored")},
+)
+def create_feedback_batch(
+    batch: FeedbackBatchIn, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None
+) -> Response:
+    """Record many pairs at once: good items are stored, each bad one is reported with its index."""
+
+    created_by_label: dict[int, int] = {}
+
+    def act() -> tuple[int, dict]:
+        outcome = service.record_feedback_batch(
+            session=session, items=batch.items, max_items=settings.max_feedback_batch
+        )
+        created_by_label.update(outcome.created_by_label)
+        return 200, outcome.body
+
+    answer = run_idempotently(
+        session, key=idempotency_key, endpoint="POST /v1/feedback/batch", payload=batch.items, act=act
+    )
+    if not answer.replayed:
+        for label, count in created_by_label.items():
+            record_feedback_ingested(label, count)
+    return _respond(answer)
+
+
+@router.get("", response_model=Page[FeedbackOut])
+def list_feedback(
+    session: SessionDep,
+    page: PageDep,
+    label: Annotated[int | None, Query(ge=0, le=1)] = None,
+    split: Annotated[str | None, Query(max_length=16)] = None,
+    face: Annotated[uuid.UUID | None, Query(description="Pairs naming this face on either side")] = None,
+) -> Page[FeedbackOut]:
+    """Feedback pairs, newest first."""
+    pairs, cursor = service.list_feedback(session=session, page=page, label=label, split=split, face=face)
+    return Page[FeedbackOut](items=[FeedbackOut.model_validate(pair) for pair in pairs], next_cursor=cursor)
+
+
+@router.get("/{feedback_id}", response_model=FeedbackOut, responses={404: _problem("No such feedback")})
+def get_feedback(feedback_id: uuid.UUID, session: SessionDep) -> FeedbackOut:
+    return FeedbackOut.model_validate(service.get_feedback(session=session, feedback_id=feedback_id))
+
+
+@router.delete("/{feedback_id}", status_code=204, responses={404: _problem("No such feedback")})
+def delete_feedback(feedback_id: uuid.UUID, session: SessionDep) -> Response:
+    """Retract a judgement, e.g. to record the pair again with another label."""
+    service.delete_feedback(session=session, feedback_id=feedback_id)
+    return Response(status_code=204)

@@ -1,0 +1,74 @@
+"""Feedback resources as the api shows them."""
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from app.faces.schemas import UtcDatetime
+
+Label = Annotated[
+    StrictInt,
+    Field(
+        ge=0, le=1, description="1: the same person; 0: different people. Booleans and strings are refused"
+    ),
+]
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    face_a: uuid.UUID
+    face_b: uuid.UUID
+    label: Label
+    annotator: str | None = Field(default=None, max_length=256)
+    source: str | None = Field(default=None, max_length=256)
+    split: Literal["regression"] | None = Field(
+        default=None,
+        description='"regression" puts the pair in the regression set, whose faces are never trained on; '
+        "otherwise the pair takes its faces' common split (train, val, test) or, when they differ, "
+        '"cross", which is used for neither training nor evaluation',
+    )
+
+
+class FeedbackOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    face_a: uuid.UUID
+    face_b: uuid.UUID
+    label: int
+    split: str
+    annotator: str | None
+    source: str | None
+    created_at: UtcDatetime
+
+
+class FeedbackBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[Any] = Field(
+        description="Each item as the body of POST /v1/feedback; bad items are reported one by one",
+    )
+
+
+class ItemError(BaseModel):
+    type: str
+    title: str
+    detail: str | None = None
+    errors: list[dict[str, Any]] | None = None
+    feedback_id: uuid.UUID | None = Field(default=None, description="The stored pair a conflict is with")
+
+
+class ItemResult(BaseModel):
+    index: int
+    status: Literal["created", "existing", "error"]
+    id: uuid.UUID | None = None
+    error: ItemError | None = None
+
+
+class FeedbackBatchOut(BaseModel):
+    results: list[ItemResult]
+    created: int
+    existing: int
+    failed: int

@@ -1,0 +1,362 @@
+"""Feedback pairs: canonical order, the pair's split, conflicts, and fast batch ingestion.
+
+A pair is stored once, as (face_a, face_b) with face_a < face_b, so (a, b) and (b, a) are the same pair.
+Its split follows its faces: "regression" when posted so; the faces' common split when they share one;
+otherwise "cross", a pair across splits that is used for neither training nor evaluation (training on it
+would let a test face leak into training through its partner).
+
+Ingestion works on whole batches: one query for the faces, one INSERT ... ON CONFLICT DO NOTHING RETURNING id
+(PostgreSQL: the columns as arrays through unnest; SQLite: multi-row VALUES), and one read of the pairs that
+already existed, so a 10,000-pair batch is a handful of statements whatever its size.
+"""
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import Table, or_, select, text, tuple_
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.feedback.schemas import FeedbackIn
+from app.pagination import PageParams, next_cursor, paginate
+from app.problems import PROBLEM_TYPE_BASE, Problem, not_found
+from app.tables import Face, FeedbackPair, utcnow
+
+REGRESSION_SPLIT = "regression"
+CROSS_SPLIT = "cross"
+_IDS_PER_QUERY = 5000
+_PAIRS_PER_QUERY = 2000
+_TABLE: Table = FeedbackPair.__table__  # type: ignore[assignment]
+_T = TypeVar("_T")
+_ITEMS = TypeAdapter(list[FeedbackIn])
+_COLUMNS = ("id", "face_a", "face_b", "label", "split")
+
+# PostgreSQL gets whole columns as arrays: one statement and eight parameters for any batch size, where a
+# multi-row VALUES list would need eight parameters per row. A column added to `feedback` must be added here.
+_PG_ARRAY_COLUMNS = {
+    "id": "uuid",
+    "face_a": "uuid",
+    "face_b": "uuid",
+    "label": "integer",
+    "split": "varchar",
+    "annotator": "varchar",
+    "source": "varchar",
+}
+_PG_INSERT = text(
+    f"INSERT INTO feedback ({', '.join(_PG_ARRAY_COLUMNS)}, created_at) "
+    f"SELECT incoming.*, :created_at FROM unnest("
+    + ", ".join(f"CAST(:{name} AS {sql_type}[])" for name, sql_type in _PG_ARRAY_COLUMNS.items())
+    + f") AS incoming({', '.join(_PG_ARRAY_COLUMNS)}) "
+    "ON CONFLICT (face_a, face_b) DO NOTHING RETURNING id"
+)
+_PG_EXISTING = text(
+    f"SELECT {', '.join(f'feedback.{name}' for name in _COLUMNS)} FROM feedback "
+    "JOIN unnest(CAST(:face_a AS uuid[]), CAST(:face_b AS uuid[])) AS wanted(face_a, face_b) "
+    "ON feedback.face_a = wanted.face_a AND feedback.face_b = wanted.face_b"
+)
+_PG_FACE_SPLITS = text("SELECT id, split FROM faces WHERE id = ANY(CAST(:ids AS uuid[]))")
+
+
+@dataclass(slots=True)
+class StoredPair:
+    """What an incoming item is compared with: the stored pair's id, label and split."""
+
+    id: uuid.UUID
+    label: int
+    split: str
+
+
+@dataclass(slots=True)
+class Recorded:
+    pair: StoredPair
+    created: bool
+
+
+_PairKey = tuple[int, int]
+"""A canonical pair as the faces' UUIDs in integer form: hashed and compared at C speed in the hot loop."""
+
+
+def canonical_pair(face_x: uuid.UUID, face_y: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
+    return (face_x, face_y) if face_x < face_y else (face_y, face_x)
+
+
+def pair_split(requested: str | None, split_a: str, split_b: str) -> str:
+    if requested == REGRESSION_SPLIT:
+        return REGRESSION_SPLIT
+    return split_a if split_a == split_b else CROSS_SPLIT
+
+
+def record_feedback(*, session: Session, item: FeedbackIn) -> tuple[FeedbackPair, bool]:
+    """Record one pair (not committed): the stored pair and whether it is new; a refusal is raised."""
+    (outcome,) = ingest_feedback(session=session, items=[item])
+    if isinstance(outcome, Problem):
+        raise outcome
+    stored = session.get(FeedbackPair, outcome.pair.id)
+    if stored is None:
+        raise _retracted_meanwhile()
+    return stored, outcome.created
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    body: dict[str, Any]
+    """The response (see `FeedbackBatchOut`) as plain JSON values: ten thousand pydantic models only to
+    serialise them again would cost more than the database work."""
+    created_by_label: dict[int, int]
+
+
+def record_feedback_batch(*, session: Session, items: Sequence[Any], max_items: int) -> BatchOutcome:
+    """Record every good item of a batch (not committed) and report each bad one; over `max_items`, none."""
+    if len(items) > max_items:
+        raise Problem(
+            413,
+            "batch-too-large",
+            "Batch too large",
+            f"{len(items)} items, over the limit of {max_items} per batch; nothing was stored",
+            max_items=max_items,
+        )
+    outcomes = ingest_feedback(session=session, items=_parse_items(items))
+    results: list[dict[str, Any]] = []
+    counts = {"created": 0, "existing": 0, "error": 0}
+    created_by_label = {0: 0, 1: 0}
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, Problem):
+            results.append({"index": index, "status": "error", "error": _item_error(outcome)})
+            counts["error"] += 1
+        else:
+            status = "created" if outcome.created else "existing"
+            results.append({"index": index, "status": status, "id": str(outcome.pair.id)})
+            counts[status] += 1
+            if outcome.created:
+                created_by_label[outcome.pair.label] += 1
+    body = {
+        "results": results,
+        "created": counts["created"],
+        "existing": counts["existing"],
+        "failed": counts["error"],
+    }
+    return BatchOutcome(body=body, created_by_label=created_by_label)
+
+
+def ingest_feedback(*, session: Session, items: Sequence[FeedbackIn | Problem]) -> list[Recorded | Problem]:
+    """The outcome of each item, in order: its stored pair (new or existing) or why it was refused.
+
+    A pair named twice in the batch is inserted once, by its first item; later items compare against it
+    like any existing pair. The same pair with another label is a conflict: retract it first to change it.
+    """
+    outcomes: list[Recorded | Problem | None] = [
+        item if isinstance(item, Problem) else None for item in items
+    ]
+    valid = [(index, item) for index, item in enumerate(items) if isinstance(item, FeedbackIn)]
+    splits = _face_splits(session, {face for _, item in valid for face in (item.face_a, item.face_b)})
+
+    now = utcnow()
+    new_rows: dict[_PairKey, dict[str, Any]] = {}
+    keyed: list[tuple[int, FeedbackIn, _PairKey]] = []
+    for index, item in valid:
+        a, b = item.face_a.int, item.face_b.int
+        split_a, split_b = splits.get(a), splits.get(b)
+        if a == b:
+            outcomes[index] = Problem(422, "same-face", "Same face", "a face cannot be paired with itself")
+        elif split_a is None or split_b is None:
+            outcomes[index] = _unknown_faces(item, splits)
+        else:
+            key, low, high = (
+                ((a, b), item.face_a, item.face_b) if a < b else ((b, a), item.face_b, item.face_a)
+            )
+            keyed.append((index, item, key))
+            if key not in new_rows:
+                new_rows[key] = {
+                    "id": uuid.uuid4(),
+                    "face_a": low,
+                    "face_b": high,
+                    "label": item.label,
+                    "split": pair_split(item.split, split_a, split_b),
+                    "annotator": item.annotator,
+                    "source": item.source,
+                    "created_at": now,
+                }
+
+    try:
+        inserted = {pair_id.int for pair_id in _insert_new_pairs(session, list(new_rows.values()))}
+    except IntegrityError as exc:
+        # Only a foreign key can fail here (conflicts are skipped): a face went away since it was read.
+        raise Problem(
+            409,
+            "concurrent-change",
+            "Concurrent change",
+            "a face was deleted meanwhile; send the pairs again",
+        ) from exc
+    stored = {
+        key: StoredPair(row["id"], row["label"], row["split"])
+        for key, row in new_rows.items()
+        if row["id"].int in inserted
+    }
+    stored.update(_existing_pairs(session, [row for key, row in new_rows.items() if key not in stored]))
+
+    claimed: set[int] = set()
+    for index, item, key in keyed:
+        pair = stored.get(key)
+        if pair is None:
+            outcomes[index] = _retracted_meanwhile()
+            continue
+        pair_id = pair.id.int
+        created = pair_id in inserted and pair_id not in claimed
+        claimed.add(pair_id)
+        outcomes[index] = Recorded(pair, created) if created else _compare(item, pair)
+    return outcomes  # type: ignore[return-value]
+
+
+def get_feedback(*, session: Session, feedback_id: uuid.UUID) -> FeedbackPair:
+    pair = session.get(FeedbackPair, feedback_id)
+    if pair is None:
+        raise not_found("feedback", feedback_id)
+    return pair
+
+
+def list_feedback(
+    *,
+    session: Session,
+    page: PageParams,
+    label: int | None = None,
+    split: str | None = None,
+    face: uuid.UUID | None = None,
+) -> tuple[Sequence[FeedbackPair], str | None]:
+    statement = select(FeedbackPair)
+    if label is not None:
+        statement = statement.where(FeedbackPair.label == label)
+    if split is not None:
+        statement = statement.where(FeedbackPair.split == split)
+    if face is not None:
+        statement = statement.where(or_(FeedbackPair.face_a == face, FeedbackPair.face_b == face))
+    rows = session.scalars(paginate(statement, FeedbackPair, page)).all()
+    return next_cursor(rows, page.limit)
+
+
+def delete_feedback(*, session: Session, feedback_id: uuid.UUID) -> None:
+    session.delete(get_feedback(session=session, feedback_id=feedback_id))
+    session.commit()
+
+
+def _parse_items(items: Sequence[Any]) -> list[FeedbackIn | Problem]:
+    try:
+        return list(_ITEMS.validate_python(items))
+    except ValidationError:
+        return [_parse_item(raw) for raw in items]
+
+
+def _parse_item(raw: Any) -> FeedbackIn | Problem:
+    try:
+        return FeedbackIn.model_validate(raw)
+    except ValidationError as exc:
+        errors = [
+            {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()
+        ]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'item'}: {e['msg']}" for e in errors[:5])
+        return Problem(422, "validation-error", "Invalid item", detail, errors=errors)
+
+
+def _unknown_faces(item: FeedbackIn, splits: dict[int, str]) -> Problem:
+    missing = [name for name in ("face_a", "face_b") if getattr(item, name).int not in splits]
+    return Problem(
+        422,
+        "unknown-face",
+        "Unknown face",
+        "; ".join(f"{name}: no face with id {getattr(item, name)}" for name in missing),
+        errors=[{"loc": ["body", name], "msg": "unknown face", "type": "unknown_face"} for name in missing],
+    )
+
+
+def _retracted_meanwhile() -> Problem:
+    return Problem(
+        409, "concurrent-change", "Concurrent change", "the pair was retracted while being recorded"
+    )
+
+
+def _compare(item: FeedbackIn, pair: StoredPair) -> Recorded | Problem:
+    if pair.label != item.label:
+        return Problem(
+            409,
+            "conflicting-label",
+            "Conflicting label",
+            f"feedback {pair.id} already records this pair with label {pair.label}; "
+            "retract it (DELETE /v1/feedback/{id}) to change the label",
+            feedback_id=str(pair.id),
+        )
+    if item.split == REGRESSION_SPLIT and pair.split != REGRESSION_SPLIT:
+        return Problem(
+            409,
+            "conflicting-split",
+            "Conflicting split",
+            f"feedback {pair.id} already records this pair in split {pair.split!r}; "
+            "retract it to record it in the regression set",
+            feedback_id=str(pair.id),
+        )
+    return Recorded(pair, created=False)
+
+
+def _item_error(problem: Problem) -> dict[str, Any]:
+    error = {"type": PROBLEM_TYPE_BASE + problem.kind, "title": problem.title, "detail": problem.detail}
+    if problem.errors is not None:
+        error["errors"] = problem.errors
+    if "feedback_id" in problem.extra:
+        error["feedback_id"] = problem.extra["feedback_id"]
+    return error
+
+
+def _face_splits(session: Session, face_ids: set[uuid.UUID]) -> dict[int, str]:
+    """The split of every face that exists, keyed by its UUID as an integer."""
+    if _dialect(session) == "postgresql":
+        rows = session.execute(_PG_FACE_SPLITS, {"ids": list(face_ids)}).all()
+    else:
+        rows = []
+        for chunk in _chunks(sorted(face_ids), _IDS_PER_QUERY):
+            rows.extend(session.execute(select(Face.id, Face.split).where(Face.id.in_(chunk))).all())
+    return {face_id.int: split for face_id, split in rows}
+
+
+def _insert_new_pairs(session: Session, rows: list[dict[str, Any]]) -> Sequence[uuid.UUID]:
+    """Insert the pairs not stored yet; the ids of the rows actually inserted."""
+    if not rows:
+        return []
+    if _dialect(session) == "postgresql":
+        columns = {name: [row[name] for row in rows] for name in _PG_ARRAY_COLUMNS}
+        return session.execute(_PG_INSERT, {**columns, "created_at": rows[0]["created_at"]}).scalars().all()
+    statement = sqlite.insert(_TABLE).on_conflict_do_nothing(index_elements=["face_a", "face_b"])
+    return session.execute(statement.returning(_TABLE.c.id), rows).scalars().all()
+
+
+def _existing_pairs(session: Session, rows: list[dict[str, Any]]) -> dict[_PairKey, StoredPair]:
+    """The stored pairs that `rows` (canonical, not inserted) collided with."""
+    if not rows:
+        return {}
+    keys = [(row["face_a"], row["face_b"]) for row in rows]
+    if _dialect(session) == "postgresql":
+        faces_a, faces_b = (list(side) for side in zip(*keys, strict=True))
+        found = session.execute(_PG_EXISTING, {"face_a": faces_a, "face_b": faces_b}).all()
+    else:
+        found = []
+        columns = [_TABLE.c[name] for name in _COLUMNS]
+        for chunk in _chunks(keys, _PAIRS_PER_QUERY):
+            statement = select(*columns).where(tuple_(_TABLE.c.face_a, _TABLE.c.face_b).in_(chunk))
+            found.extend(session.execute(statement).all())
+    return {
+        (face_a.int, face_b.int): StoredPair(pair_id, label, split)
+        for pair_id, face_a, face_b, label, split in found
+    }
+
+
+def _dialect(session: Session) -> str:
+    name = session.get_bind().dialect.name
+    if name not in {"postgresql", "sqlite"}:
+        raise NotImplementedError(f"feedback ingestion needs PostgreSQL or SQLite, not {name}")
+    return name
+
+
+def _chunks(values: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]

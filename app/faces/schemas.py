@@ -1,19 +1,10 @@
 """Face resources as the api shows them."""
 
 import uuid
-from datetime import UTC, datetime
-from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer
+from pydantic import BaseModel, ConfigDict
 
-
-def _as_utc_iso(value: datetime) -> str:
-    """SQLite returns naive datetimes (stored as UTC), PostgreSQL aware ones: both leave as UTC ISO 8601."""
-    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return aware.isoformat()
-
-
-UtcDatetime = Annotated[datetime, PlainSerializer(_as_utc_iso, return_type=str, when_used="json")]
+from app.schemas import UtcDatetime
 
 
 class FaceOut(BaseModel):

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from app.faces.schemas import UtcDatetime
+from app.schemas import UtcDatetime
 
 Label = Annotated[
     StrictInt,

@@ -5,8 +5,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.faces.schemas import UtcDatetime
 from app.jobs.params import EvaluateParams, FinetuneParams, JobKind, JobStatus, ReindexParams
+from app.schemas import UtcDatetime
 
 
 class FinetuneJobCreate(BaseModel):

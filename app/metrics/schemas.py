@@ -5,8 +5,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.faces.schemas import UtcDatetime
 from app.models.schemas import EvaluationOut
+from app.schemas import UtcDatetime
 
 
 class FeedbackCounts(BaseModel):

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.faces.schemas import UtcDatetime
+from app.schemas import UtcDatetime
 
 ARCHITECTURES = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
 Architecture = Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"]

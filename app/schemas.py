@@ -1,0 +1,15 @@
+"""Types shared by every resource's schemas."""
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import PlainSerializer
+
+
+def _as_utc_iso(value: datetime) -> str:
+    """SQLite returns naive datetimes (stored as UTC), PostgreSQL aware ones: both leave as UTC ISO 8601."""
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return aware.isoformat()
+
+
+UtcDatetime = Annotated[datetime, PlainSerializer(_as_utc_iso, return_type=str, when_used="json")]

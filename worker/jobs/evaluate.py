@@ -1,0 +1,117 @@
+"""evaluate: score one split's feedback pairs with a model (and optionally a second one on the same pairs).
+
+Each model is judged at its own threshold: the one stored with it, or, for a model that has none, one
+calibrated on the val pairs with that model; `threshold_source` in the metrics says which. Each score becomes
+an Evaluation row carrying the pairs' hash, so two evaluations on identical pairs can be told apart from
+evaluations on a set that has since grown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.tables import Evaluation
+from worker.jobs.data import (
+    FeedbackRow,
+    decode_faces,
+    face_digests,
+    indexed_pairs,
+    label_counts,
+    load_feedback,
+    pairs_sha256,
+)
+from worker.jobs.registry import (
+    LoadedModel,
+    blob_store,
+    load_model,
+    model_row,
+    record_evaluation,
+    threshold_for,
+)
+from worker.ml.embedding import select_device
+from worker.ml.evaluation import ModelUnderTest, compare_models, evaluate
+from worker.ml.pairs import IndexedPairs
+from worker.runtime import JobContext, JobFailed
+
+SPLITS = ("train", "val", "test", "regression")
+
+
+def _models(ctx: JobContext) -> tuple[LoadedModel, LoadedModel | None]:
+    with ctx.session() as session:
+        rows = [model_row(session, ctx.params.get("model"))]
+        if ctx.params.get("compare_to") is not None:
+            rows.append(model_row(session, ctx.params["compare_to"], role="compare_to"))
+    loaded = [load_model(ctx.settings, row) for row in rows]
+    return loaded[0], (loaded[1] if len(loaded) > 1 else None)
+
+
+def _pairs(
+    ctx: JobContext, split: str, size: int
+) -> tuple[list[FeedbackRow], IndexedPairs, IndexedPairs | None]:
+    """The split's pairs and, for models without a stored threshold, the val pairs to calibrate one on."""
+    with ctx.session() as session:
+        sets = load_feedback(session)
+        digests = face_digests(session)
+    rows, val_rows = sets.pairs[split], sets.pairs["val"]
+    if not rows:
+        raise JobFailed("not-enough-feedback", "No pairs to evaluate", f"the {split} split has no pairs")
+    pixels = decode_faces(blob_store(ctx.settings), digests, sets.faces(split, "val"), size=size)
+    val = indexed_pairs(val_rows, pixels) if val_rows else None
+    return rows, indexed_pairs(rows, pixels), val
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    split = str(ctx.params.get("split", "test"))
+    if split not in SPLITS:
+        raise JobFailed("invalid-job-params", "Invalid job parameters", f"split must be one of {SPLITS}")
+    ctx.progress(phase="loading", force=True)
+    model, other = _models(ctx)
+    rows, pairs, val = _pairs(ctx, split, model.spec.size)
+    ctx.raise_if_cancelled("before scoring")
+    device = select_device()
+    ctx.progress(phase="scoring", pairs=len(rows), force=True)
+    threshold, source = threshold_for(model, val, device=device)
+    result: dict[str, Any] = {
+        "model_id": str(model.id),
+        "split": split,
+        "pairs_sha256": pairs_sha256(rows),
+        "pair_count": len(rows),
+        "labels": label_counts(rows),
+    }
+    if other is None:
+        metrics = evaluate(
+            model.backbone, model.spec, pairs, threshold, threshold_source=source or "model", device=device
+        )
+        comparison = None
+    else:
+        other_threshold, other_source = threshold_for(other, val, device=device)
+        comparison = compare_models(
+            ModelUnderTest(other.backbone, other.spec, other_threshold, other_source or "model"),
+            model.under_test(threshold, source or "model"),
+            pairs,
+            device=device,
+        )
+        metrics = comparison["candidate"]
+    with ctx.session() as session:
+        evaluation = record_evaluation(
+            session, model_id=model.id, job_id=ctx.job.id, split=split, rows=rows, metrics=metrics
+        )
+        result.update(evaluation_id=str(evaluation.id), threshold=evaluation.threshold, metrics=metrics)
+        if comparison is not None and other is not None:
+            baseline: Evaluation = record_evaluation(
+                session,
+                model_id=other.id,
+                job_id=ctx.job.id,
+                split=split,
+                rows=rows,
+                metrics=comparison["baseline"],
+            )
+            result["compare_to"] = {
+                "model_id": str(other.id),
+                "evaluation_id": str(baseline.id),
+                "threshold": baseline.threshold,
+                "metrics": comparison["baseline"],
+                "deltas": comparison["deltas"],
+            }
+    ctx.progress(phase="done", pairs=len(rows), force=True)
+    return result

@@ -1,0 +1,247 @@
+"""finetune: train a child of a ready model on the feedback, register it, judge it against its parent.
+
+The steps, each visible in the job's progress phase:
+
+1. loading: the parent checkpoint and the feedback sets (see worker.jobs.data: train without regression
+   faces, val for model selection and the threshold, test and regression for judging), each face decoded once.
+2. train / epoch: worker.ml.training.finetune, cancellable between steps.
+3. saving: the best epoch's weights in MagFace's layout with their metadata, into the blob store, and a
+   `ready` ModelVersion with its lineage, hyper-parameters and a snapshot of the feedback.
+4. evaluating: parent and candidate on the same test pairs and, when there is one, the regression set.
+5. gating: worker.jobs.gate; with `auto_promote` and a pass, the candidate is activated (which queues a
+   reindex of every face with it).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from app.blobs import StoredBlob
+from app.problems import Problem
+from app.tables import ModelVersion, utcnow
+from worker.jobs import gate
+from worker.jobs.comparison import compare_on
+from worker.jobs.data import (
+    REGRESSION,
+    FeedbackSets,
+    decode_faces,
+    face_digests,
+    has_both_labels,
+    indexed_pairs,
+    label_counts,
+    load_feedback,
+)
+from worker.jobs.registry import LoadedModel, blob_store, load_model, model_row, threshold_for
+from worker.ml.checkpoints import save_checkpoint
+from worker.ml.embedding import select_device
+from worker.ml.pairs import IndexedPairs
+from worker.ml.training import FinetuneResult, TrainConfig, TrainingCancelled, TrainProgress, finetune
+from worker.runtime import JobCancelled, JobContext, JobFailed
+
+ACTOR = "finetune-job"
+
+
+@dataclass
+class PairSets:
+    sets: FeedbackSets
+    indexed: dict[str, IndexedPairs]  # train, val, test, regression (empty sets included)
+
+
+def train_config(params: dict[str, Any]) -> TrainConfig:
+    """The job's params over the training library's defaults (the api has already validated them)."""
+    keys = ("epochs", "learning_rate", "batch_size", "margin", "seed", "patience")
+    return TrainConfig(**{key: params[key] for key in keys if params.get(key) is not None})
+
+
+def _not_enough(detail: str) -> JobFailed:
+    return JobFailed("not-enough-feedback", "Not enough feedback to fine-tune", detail)
+
+
+def _load_pairs(ctx: JobContext, size: int) -> PairSets:
+    with ctx.session() as session:
+        sets = load_feedback(session)
+        digests = face_digests(session)
+    train, val = sets.pairs["train"], sets.pairs["val"]
+    if not train:
+        excluded = sets.excluded.get("train", 0)
+        named = f" ({excluded} name regression faces, which are never trained on)" if excluded else ""
+        raise _not_enough(f"no train pairs{named}")
+    if not has_both_labels(val):
+        counts = label_counts(val)
+        raise _not_enough(
+            "val needs both same and different pairs to select the model and calibrate its threshold; "
+            f"it has {counts['same']} same and {counts['different']} different"
+        )
+    pixels = decode_faces(blob_store(ctx.settings), digests, sets.faces(*sets.pairs), size=size)
+    return PairSets(sets, {name: indexed_pairs(rows, pixels) for name, rows in sets.pairs.items()})
+
+
+def _train(
+    ctx: JobContext, parent: LoadedModel, data: PairSets, config: TrainConfig
+) -> tuple[Any, FinetuneResult]:
+    backbone = copy.deepcopy(parent.backbone)
+
+    def report(update: TrainProgress) -> None:
+        ctx.progress(force=update.phase == "epoch" or update.step in (1, update.steps), **asdict(update))
+
+    try:
+        result = finetune(
+            backbone,
+            parent.spec,
+            data.indexed["train"],
+            data.indexed["val"],
+            config,
+            progress=report,
+            should_cancel=ctx.should_cancel,
+            device=select_device(),
+            progress_interval=ctx.timings.progress_interval_s,
+        )
+    except TrainingCancelled as exc:
+        raise JobCancelled(str(exc)) from exc
+    return backbone, result
+
+
+def _store_checkpoint(
+    ctx: JobContext, backbone: nn.Module, metadata: dict[str, Any], *, arch: str, epoch: int
+) -> StoredBlob:
+    store = blob_store(ctx.settings)
+    staging = ctx.settings.blob_dir / "checkpoints"
+    staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging, prefix=".finetune-") as folder:
+        path = Path(folder) / "checkpoint.pth"
+        save_checkpoint(path, backbone, arch=arch, epoch=epoch, metadata=metadata)
+        with path.open("rb") as stream:
+            return store.write_stream("checkpoints", iter(lambda: stream.read(1 << 20), b""))
+
+
+def _register(
+    ctx: JobContext,
+    parent: LoadedModel,
+    backbone: nn.Module,
+    result: FinetuneResult,
+    config: TrainConfig,
+    snapshot: dict[str, Any],
+) -> LoadedModel:
+    """Save the best weights and register them as a ready child of `parent`."""
+    metadata = {
+        "preprocess": parent.spec.to_dict(),
+        "threshold": result.threshold,
+        "threshold_source": "val",
+        "parent_sha256": parent.sha256,
+        "parent_model_id": str(parent.id),
+        "job_id": str(ctx.job.id),
+        "hyperparameters": config.to_dict(),
+        "best_epoch": result.best_epoch,
+        "feedback_ids_sha256": snapshot["feedback_ids_sha256"],
+    }
+    blob = _store_checkpoint(ctx, backbone, metadata, arch=parent.arch, epoch=result.best_epoch)
+    with ctx.session() as session:
+        parent_row = session.get(ModelVersion, parent.id)
+        row = ModelVersion(
+            name=f"{parent.name or parent.arch} fine-tune {str(ctx.job.id)[:8]}",
+            arch=parent.arch,
+            status="ready",
+            sha256=blob.sha256,
+            byte_size=blob.size,
+            embedding_size=parent_row.embedding_size if parent_row else None,
+            preprocess=parent.spec.to_dict(),
+            threshold=result.threshold,
+            parent_id=parent.id,
+            created_by_job_id=ctx.job.id,
+            hyperparameters=config.to_dict(),
+            dataset_snapshot=snapshot,
+            validated_at=utcnow(),
+        )
+        session.add(row)
+        session.flush()
+        model_id = row.id
+    backbone.to("cpu")
+    return LoadedModel(model_id, row.name, parent.arch, blob.sha256, result.threshold, parent.spec, backbone)
+
+
+def _promote(ctx: JobContext, candidate: LoadedModel, decision: gate.GateDecision) -> str | None:
+    """Activate the candidate and return the id of the reindex job the activation queued.
+
+    The reindex job is sent to the broker once the activation commits.
+    """
+    from app.models.service import activate
+
+    with ctx.session() as session:
+        outcome = activate(
+            session=session,
+            settings=ctx.settings,
+            model_id=candidate.id,
+            actor=ACTOR,
+            reason="passed the promotion gate: " + "; ".join(decision.reasons),
+            job_id=ctx.job.id,
+        )
+        reindex_job_id = outcome.reindex_job.id if outcome.reindex_job is not None else None
+    return str(reindex_job_id) if reindex_job_id is not None else None
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    params = ctx.params
+    config = train_config(params)
+    ctx.progress(phase="loading", force=True)
+    with ctx.session() as session:
+        parent_row = model_row(session, params.get("base_model"), role="base_model")
+    parent = load_model(ctx.settings, parent_row)
+    data = _load_pairs(ctx, parent.spec.size)
+    snapshot = data.sets.snapshot()
+    ctx.raise_if_cancelled("before training")
+
+    backbone, result = _train(ctx, parent, data, config)
+    ctx.raise_if_cancelled("after training, before the model was registered")
+    ctx.progress(phase="saving", force=True)
+    candidate = _register(ctx, parent, backbone, result, config, snapshot)
+
+    ctx.progress(phase="evaluating", force=True)
+    device = select_device()
+    parent_threshold = threshold_for(parent, data.indexed["val"], device=device)
+    judged = [name for name in ("test", REGRESSION) if data.sets.pairs[name]]
+    evaluations = compare_on(
+        ctx,
+        parent=parent.under_test(*parent_threshold),
+        candidate=candidate.under_test(result.threshold, "val"),
+        ids=(parent.id, candidate.id),
+        pair_sets={name: (data.sets.pairs[name], data.indexed[name]) for name in judged},
+        device=device,
+    )
+
+    ctx.progress(phase="gating", force=True)
+    test = evaluations.get("test")
+    regression = evaluations.get(REGRESSION)
+    decision = gate.decide(
+        (test["parent"]["metrics"], test["candidate"]["metrics"]) if test else ({}, {}),
+        (regression["parent"]["metrics"], regression["candidate"]["metrics"]) if regression else None,
+        regression_auc_tolerance=ctx.settings.regression_auc_tolerance,
+        best_epoch=result.best_epoch,
+    )
+    reindex_job_id = None
+    if not params.get("auto_promote", True):
+        decision.notes.append("auto_promote is off: activate the model by hand if wanted")
+    elif decision.passed:
+        try:
+            reindex_job_id = _promote(ctx, candidate, decision)
+            decision.promoted = True
+        except Problem as exc:
+            decision.notes.append(f"activation refused: {exc}")
+    return {
+        "model_id": str(candidate.id),
+        "parent_id": str(parent.id),
+        "best_epoch": result.best_epoch,
+        "epochs_run": max((record.epoch for record in result.history), default=0),
+        "stopped_early": result.stopped_early,
+        "history": [record.to_dict() for record in result.history],
+        "threshold": result.threshold,
+        "dataset_snapshot": snapshot,
+        "evaluations": {"test": test, "regression": regression},
+        "gate": decision.to_dict(),
+        "reindex_job_id": reindex_job_id,
+    }

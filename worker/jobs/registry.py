@@ -1,0 +1,112 @@
+"""Registry rows as the jobs use them: load a ready model's checkpoint, pick its threshold, record scores."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+from torch import nn
+
+from app.blobs import BlobStore
+from app.config import Settings
+from app.tables import Evaluation, ModelVersion
+from worker.jobs.data import FeedbackRow, pairs_sha256
+from worker.ml.checkpoints import CheckpointError, load_backbone
+from worker.ml.evaluation import ModelUnderTest
+from worker.ml.metrics import calibrate_threshold
+from worker.ml.pairs import IndexedPairs
+from worker.ml.preprocessing import PreprocessSpec, preprocess_spec_for
+from worker.runtime import JobFailed
+
+
+@dataclass
+class LoadedModel:
+    """A ready model's row facts and its backbone (eval mode, CPU)."""
+
+    id: uuid.UUID
+    name: str | None
+    arch: str
+    sha256: str
+    threshold: float | None
+    spec: PreprocessSpec
+    backbone: nn.Module
+
+    def under_test(self, threshold: float | None, source: str) -> ModelUnderTest:
+        return ModelUnderTest(self.backbone, self.spec, threshold, source)
+
+
+def blob_store(settings: Settings) -> BlobStore:
+    return BlobStore(settings.blob_dir)
+
+
+def checkpoint_path(settings: Settings, sha256: str) -> Path:
+    return blob_store(settings).path("checkpoints", sha256)
+
+
+def model_row(session: Session, model_id: uuid.UUID | str | None, *, role: str = "model") -> ModelVersion:
+    """The registry row, which must be ready; JobFailed otherwise."""
+    try:
+        key = uuid.UUID(str(model_id))
+    except ValueError:
+        raise JobFailed("unknown-model", "Unknown model", f"{role}: {model_id!r} is not a model id") from None
+    row = session.get(ModelVersion, key)
+    if row is None:
+        raise JobFailed("unknown-model", "Unknown model", f"{role}: no model with id {key}")
+    if row.status != "ready":
+        reason = f" ({row.status_reason})" if row.status_reason else ""
+        raise JobFailed("model-not-ready", "Model not ready", f"{role}: model {key} is {row.status}{reason}")
+    return row
+
+
+def spec_of(row: ModelVersion) -> PreprocessSpec:
+    return PreprocessSpec.from_dict(row.preprocess) if row.preprocess else preprocess_spec_for(row.arch)
+
+
+def load_model(settings: Settings, row: ModelVersion) -> LoadedModel:
+    """Load a registered checkpoint strictly; a file that no longer loads fails the job, it is not guessed."""
+    try:
+        loaded = load_backbone(checkpoint_path(settings, row.sha256), row.arch)
+    except CheckpointError as exc:
+        raise JobFailed("invalid-checkpoint", "Invalid checkpoint", f"model {row.id}: {exc}") from exc
+    return LoadedModel(row.id, row.name, row.arch, row.sha256, row.threshold, spec_of(row), loaded.model)
+
+
+def threshold_for(
+    model: LoadedModel, val: IndexedPairs | None, *, device: Any = None
+) -> tuple[float | None, str | None]:
+    """(threshold, source): the model's stored threshold ("model"), else one calibrated on val ("val")."""
+    if model.threshold is not None:
+        return model.threshold, "model"
+    if val is None or len(val) == 0:
+        return None, None
+    from worker.ml.evaluation import score_pairs
+
+    scores = score_pairs(model.backbone, model.spec, val, device=device)
+    threshold = calibrate_threshold(scores, val.labels.numpy())
+    return threshold, ("val" if threshold is not None else None)
+
+
+def record_evaluation(
+    session: Session,
+    *,
+    model_id: uuid.UUID,
+    job_id: uuid.UUID,
+    split: str,
+    rows: list[FeedbackRow],
+    metrics: dict[str, Any],
+) -> Evaluation:
+    evaluation = Evaluation(
+        model_id=model_id,
+        job_id=job_id,
+        split=split,
+        pairs_sha256=pairs_sha256(rows),
+        pair_count=len(rows),
+        threshold=metrics.get("at_threshold", {}).get("threshold"),
+        metrics=metrics,
+    )
+    session.add(evaluation)
+    session.flush()
+    return evaluation

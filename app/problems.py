@@ -57,6 +57,11 @@ def problem_response(problem: Problem) -> JSONResponse:
     )
 
 
+def problem_doc(description: str) -> dict[str, Any]:
+    """An OpenAPI `responses` entry for a problem+json answer."""
+    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {}}}
+
+
 def not_found(what: str, identifier: object) -> Problem:
     return Problem(404, f"unknown-{what}", f"Unknown {what}", f"no {what} with id {identifier}")
 

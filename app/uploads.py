@@ -194,3 +194,13 @@ def _field_problem(name: str, message: str, error_type: str) -> Problem:
         f"body.{name}: {message}",
         errors=[{"loc": ["body", name], "msg": message, "type": error_type}],
     )
+
+
+def multipart_body(
+    file_description: str, *, required: tuple[str, ...], **fields: dict[str, Any]
+) -> dict[str, Any]:
+    """`openapi_extra` for an endpoint that reads its multipart body itself (to stream it), so the docs and
+    generated clients still see the form."""
+    properties = {"file": {"type": "string", "format": "binary", "description": file_description}, **fields}
+    schema = {"type": "object", "required": ["file", *required], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}

@@ -13,39 +13,19 @@ from app.deps import PageDep, SessionDep, SettingsDep
 from app.faces import service
 from app.faces.schemas import FaceOut
 from app.pagination import Page
-from app.problems import PROBLEM_MEDIA_TYPE
-from app.uploads import receive_upload
+from app.problems import problem_doc
+from app.uploads import multipart_body, receive_upload
 
 router = APIRouter(prefix="/faces", tags=["faces"])
 
 MAX_LABEL_CHARS = 256
 
-_UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "JPEG, PNG, WebP or BMP",
-                        },
-                        "subject": {"type": "string", "maxLength": MAX_LABEL_CHARS},
-                        "source": {"type": "string", "maxLength": MAX_LABEL_CHARS},
-                    },
-                }
-            }
-        },
-    }
-}
-
-
-def _problem(description: str) -> dict:
-    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {}}}
+_UPLOAD_BODY = multipart_body(
+    "JPEG, PNG, WebP or BMP",
+    required=(),
+    subject={"type": "string", "maxLength": MAX_LABEL_CHARS},
+    source={"type": "string", "maxLength": MAX_LABEL_CHARS},
+)
 
 
 def blob_store(settings: Settings) -> BlobStore:
@@ -59,9 +39,9 @@ def blob_store(settings: Settings) -> BlobStore:
     openapi_extra=_UPLOAD_BODY,
     responses={
         200: {"model": FaceOut, "description": "These bytes were stored before: the existing face"},
-        413: _problem("The file is over `max_image_bytes` (upload-too-large)"),
-        415: _problem("Not multipart, or the file is not a JPEG, PNG, WebP or BMP image"),
-        422: _problem("Empty upload, corrupt image, or over `max_image_pixels` (image-too-large)"),
+        413: problem_doc("The file is over `max_image_bytes` (upload-too-large)"),
+        415: problem_doc("Not multipart, or the file is not a JPEG, PNG, WebP or BMP image"),
+        422: problem_doc("Empty upload, corrupt image, or over `max_image_pixels` (image-too-large)"),
     },
 )
 async def upload_face(
@@ -105,7 +85,7 @@ def list_faces(
     return Page[FaceOut](items=[FaceOut.model_validate(face) for face in faces], next_cursor=cursor)
 
 
-@router.get("/{face_id}", response_model=FaceOut, responses={404: _problem("No such face")})
+@router.get("/{face_id}", response_model=FaceOut, responses={404: problem_doc("No such face")})
 def get_face(face_id: uuid.UUID, session: SessionDep) -> FaceOut:
     return FaceOut.model_validate(service.get_face(session=session, face_id=face_id))
 
@@ -115,7 +95,7 @@ def get_face(face_id: uuid.UUID, session: SessionDep) -> FaceOut:
     response_class=FileResponse,
     responses={
         200: {"description": "The original bytes", "content": {"image/*": {}}},
-        404: _problem("No such face"),
+        404: problem_doc("No such face"),
     },
 )
 def get_face_image(face_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> FileResponse:
@@ -124,7 +104,7 @@ def get_face_image(face_id: uuid.UUID, session: SessionDep, settings: SettingsDe
     return FileResponse(path, media_type=media_type)
 
 
-@router.delete("/{face_id}", status_code=204, responses={404: _problem("No such face")})
+@router.delete("/{face_id}", status_code=204, responses={404: problem_doc("No such face")})
 def delete_face(face_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> Response:
     """Erase a face, its image, its embeddings and every feedback pair that names it."""
     service.delete_face(session=session, store=blob_store(settings), face_id=face_id)

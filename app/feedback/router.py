@@ -12,13 +12,9 @@ from app.feedback.schemas import FeedbackBatchIn, FeedbackBatchOut, FeedbackIn, 
 from app.idempotency import REPLAYED_HEADER, Answer, IdempotencyKey, run_idempotently
 from app.observability import record_feedback_ingested
 from app.pagination import Page
-from app.problems import PROBLEM_MEDIA_TYPE
+from app.problems import problem_doc
 
 router = APIRouter(prefix="/feedback", tags=["feedback"])
-
-
-def _problem(description: str) -> dict:
-    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {}}}
 
 
 def _respond(answer: Answer, location: str | None = None) -> JSONResponse:
@@ -34,8 +30,8 @@ def _respond(answer: Answer, location: str | None = None) -> JSONResponse:
     response_model=FeedbackOut,
     responses={
         200: {"model": FeedbackOut, "description": "The pair was recorded before with the same label"},
-        409: _problem("The pair has another label (conflicting-label), or the Idempotency-Key was reused"),
-        422: _problem("Invalid body, unknown face, or a face paired with itself (same-face)"),
+        409: problem_doc("The pair has another label (conflicting-label), or the Idempotency-Key was reused"),
+        422: problem_doc("Invalid body, unknown face, or a face paired with itself (same-face)"),
     },
 )
 def create_feedback(
@@ -59,7 +55,7 @@ def create_feedback(
 @router.post(
     "/batch",
     response_model=FeedbackBatchOut,
-    responses={413: _problem("More items than `max_feedback_batch`; nothing was stored")},
+    responses={413: problem_doc("More items than `max_feedback_batch`; nothing was stored")},
 )
 def create_feedback_batch(
     batch: FeedbackBatchIn, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None
@@ -97,12 +93,12 @@ def list_feedback(
     return Page[FeedbackOut](items=[FeedbackOut.model_validate(pair) for pair in pairs], next_cursor=cursor)
 
 
-@router.get("/{feedback_id}", response_model=FeedbackOut, responses={404: _problem("No such feedback")})
+@router.get("/{feedback_id}", response_model=FeedbackOut, responses={404: problem_doc("No such feedback")})
 def get_feedback(feedback_id: uuid.UUID, session: SessionDep) -> FeedbackOut:
     return FeedbackOut.model_validate(service.get_feedback(session=session, feedback_id=feedback_id))
 
 
-@router.delete("/{feedback_id}", status_code=204, responses={404: _problem("No such feedback")})
+@router.delete("/{feedback_id}", status_code=204, responses={404: problem_doc("No such feedback")})
 def delete_feedback(feedback_id: uuid.UUID, session: SessionDep) -> Response:
     """Retract a judgement, e.g. to record the pair again with another label."""
     service.delete_feedback(session=session, feedback_id=feedback_id)

@@ -1,7 +1,7 @@
 """/v1/jobs: start fine-tunes, evaluations and reindexes, follow them, cancel them."""
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
@@ -10,13 +10,9 @@ from app.jobs import service
 from app.jobs.params import JobKind, JobStatus
 from app.jobs.schemas import JobCreate, JobOut
 from app.pagination import Page
-from app.problems import PROBLEM_MEDIA_TYPE
+from app.problems import problem_doc
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-
-
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {}}}
 
 
 @router.post(
@@ -24,9 +20,9 @@ def _problem(description: str) -> dict[str, Any]:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
     responses={
-        404: _problem("A model named in the params does not exist (unknown-model)"),
-        409: _problem("No model is active (no-active-model), or the model is not ready (model-not-ready)"),
-        422: _problem("Unknown kind, unknown param or a param of the wrong type"),
+        404: problem_doc("A model named in the params does not exist (unknown-model)"),
+        409: problem_doc("No model is active (no-active-model), or the model is not ready (model-not-ready)"),
+        422: problem_doc("Unknown kind, unknown param or a param of the wrong type"),
     },
 )
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, response: Response) -> JobOut:
@@ -48,7 +44,7 @@ def list_jobs(
     return Page[JobOut](items=[JobOut.model_validate(job) for job in jobs], next_cursor=cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses={404: _problem("No such job")})
+@router.get("/{job_id}", response_model=JobOut, responses={404: problem_doc("No such job")})
 def get_job(job_id: uuid.UUID, session: SessionDep) -> JobOut:
     return JobOut.model_validate(service.get_job(session=session, job_id=job_id))
 
@@ -58,8 +54,8 @@ def get_job(job_id: uuid.UUID, session: SessionDep) -> JobOut:
     response_model=JobOut,
     responses={
         202: {"model": JobOut, "description": "Running: flagged, the worker stops at its next step"},
-        404: _problem("No such job"),
-        409: _problem("The job has finished already (job-finished)"),
+        404: problem_doc("No such job"),
+        409: problem_doc("The job has finished already (job-finished)"),
     },
 )
 def cancel_job(job_id: uuid.UUID, session: SessionDep, response: Response) -> JobOut:

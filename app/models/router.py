@@ -4,7 +4,7 @@ The activation log is `GET /v1/models/activations` (every change, newest first; 
 """
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -26,40 +26,20 @@ from app.models.schemas import (
     ModelStatus,
 )
 from app.pagination import Page
-from app.problems import PROBLEM_MEDIA_TYPE, Problem
+from app.problems import Problem, problem_doc
 from app.tables import Evaluation, ModelVersion
-from app.uploads import receive_upload
+from app.uploads import multipart_body, receive_upload
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 MAX_NAME_CHARS = 256
 
-_UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "arch"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "a torch.save checkpoint",
-                        },
-                        "arch": {"type": "string", "enum": list(ARCHITECTURES)},
-                        "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
-                    },
-                }
-            }
-        },
-    }
-}
-
-
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {}}}
+_UPLOAD_BODY = multipart_body(
+    "a torch.save checkpoint",
+    required=("arch",),
+    arch={"type": "string", "enum": list(ARCHITECTURES)},
+    name={"type": "string", "maxLength": MAX_NAME_CHARS},
+)
 
 
 def _model_out(model: ModelVersion, active_id: uuid.UUID | None, evaluations: list[Evaluation]) -> ModelOut:
@@ -95,8 +75,8 @@ def _arch(value: str | None) -> str:
     openapi_extra=_UPLOAD_BODY,
     responses={
         200: {"model": ModelRegistered, "description": "These bytes under this arch were registered before"},
-        413: _problem("The file is over `max_checkpoint_bytes` (upload-too-large)"),
-        422: _problem("Empty, not a checkpoint, or a checkpoint whose pickle references code"),
+        413: problem_doc("The file is over `max_checkpoint_bytes` (upload-too-large)"),
+        422: problem_doc("Empty, not a checkpoint, or a checkpoint whose pickle references code"),
     },
 )
 async def register_model(
@@ -146,7 +126,7 @@ def list_models(
 
 
 @router.get(
-    "/active", response_model=ModelOut, responses={404: _problem("No model is active (no-active-model)")}
+    "/active", response_model=ModelOut, responses={404: problem_doc("No model is active (no-active-model)")}
 )
 def get_active_model(session: SessionDep) -> ModelOut:
     return _detail(session, service.get_active_model(session=session))
@@ -161,7 +141,7 @@ def list_activations(
     return Page[ActivationOut](items=[ActivationOut.model_validate(row) for row in rows], next_cursor=cursor)
 
 
-@router.get("/{model_id}", response_model=ModelOut, responses={404: _problem("No such model")})
+@router.get("/{model_id}", response_model=ModelOut, responses={404: problem_doc("No such model")})
 def get_model(model_id: uuid.UUID, session: SessionDep) -> ModelOut:
     return _detail(session, service.get_model_row(session, model_id))
 
@@ -171,7 +151,7 @@ def get_model(model_id: uuid.UUID, session: SessionDep) -> ModelOut:
     response_class=FileResponse,
     responses={
         200: {"description": "The checkpoint's bytes", "content": {"application/octet-stream": {}}},
-        404: _problem("No such model"),
+        404: problem_doc("No such model"),
     },
 )
 def download_checkpoint(model_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> FileResponse:
@@ -184,7 +164,10 @@ def download_checkpoint(model_id: uuid.UUID, session: SessionDep, settings: Sett
 @router.post(
     "/{model_id}/activate",
     response_model=ActivationResult,
-    responses={404: _problem("No such model"), 409: _problem("The model is not ready (model-not-ready)")},
+    responses={
+        404: problem_doc("No such model"),
+        409: problem_doc("The model is not ready (model-not-ready)"),
+    },
 )
 def activate_model(
     model_id: uuid.UUID,

@@ -1,0 +1,319 @@
+"""Feedback ingest through the api, beside a bare FastAPI endpoint that does one plain INSERT; prints JSON.
+
+Both run as uvicorn subprocesses (`magtune serve`, and this file's bare app served the same way) against the
+same fresh PostgreSQL database and the same `feedback` table, and one client loop drives both, so the ratio
+is the api's own cost: validation, face lookups, splits, idempotency, metrics, problem handling.
+
+    python bench/api_ingest.py [--singles 2000] [--batches 5] [--batch-size 10000]
+
+Needs PostgreSQL (MAGTUNE_TEST_POSTGRES, an admin URL) and Redis (MAGTUNE_TEST_REDIS) like the tests.
+Targets: single posts at ≥ 0.7× the bare endpoint's rate; batches at ≥ 20,000 pairs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+POSTGRES_ADMIN_URL = os.environ.get("MAGTUNE_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("MAGTUNE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+SINGLE_TARGET_RATIO = 0.7
+BATCH_TARGET_PAIRS_PER_S = 20_000
+WARMUP_REQUESTS = 100
+ROUNDS = 4  # single posts alternate between the two servers in rounds, so background load hits both alike
+
+
+# The bare baseline: one endpoint, one INSERT, nothing else.
+
+
+class PairIn(BaseModel):
+    face_a: uuid.UUID
+    face_b: uuid.UUID
+    label: int
+
+
+class BatchIn(BaseModel):
+    items: list[PairIn]
+
+
+def create_bare_app() -> Any:
+    from fastapi import FastAPI
+    from sqlalchemy import insert
+
+    from app.config import get_settings
+    from app.db import get_engine
+    from app.tables import FeedbackPair
+
+    engine = get_engine(get_settings().database_url)
+    table = FeedbackPair.__table__
+    app = FastAPI()
+
+    def row(pair: PairIn) -> dict[str, Any]:
+        a, b = sorted((pair.face_a, pair.face_b))
+        return {"id": uuid.uuid4(), "face_a": a, "face_b": b, "label": pair.label, "split": "train"}
+
+    @app.post("/bare/feedback", status_code=201)
+    def bare_feedback(pair: PairIn) -> dict[str, Any]:
+        values = row(pair)
+        with engine.begin() as conn:
+            conn.execute(insert(table).values(**values))
+        return {"id": str(values["id"])}
+
+    @app.post("/bare/feedback/batch")
+    def bare_batch(batch: BatchIn) -> dict[str, int]:
+        rows = [row(pair) for pair in batch.items]
+        with engine.begin() as conn:
+            conn.execute(insert(table), rows)
+        return {"created": len(rows)}
+
+    @app.get("/bare/ready")
+    def ready() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+# Processes and data.
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    import psycopg
+
+    name = f"magtune_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def magtune(*args: str) -> list[str]:
+    script = Path(sys.executable).with_name("magtune")
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "worker.cli", *args]
+
+
+@contextmanager
+def server(command: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[None]:
+    import httpx
+
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{command} did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def random_png(rng: random.Random) -> bytes:
+    from PIL import Image
+
+    image = Image.frombytes("RGB", (112, 112), rng.randbytes(112 * 112 * 3))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload_faces(client: Any, count: int) -> list[str]:
+    rng = random.Random(0)
+    ids = []
+    for _ in range(count):
+        response = client.post("/v1/faces", files={"file": ("face.png", random_png(rng), "image/png")})
+        response.raise_for_status()
+        ids.append(response.json()["id"])
+    return ids
+
+
+# Measurement.
+
+
+def timed(send: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    send()
+    return time.perf_counter() - started
+
+
+def summary(latencies: list[float], records_per_request: int) -> dict[str, Any]:
+    ordered = sorted(latencies)
+    total = sum(ordered)
+    return {
+        "requests": len(ordered),
+        "records_per_s": round(len(ordered) * records_per_request / total, 1),
+        "p50_ms": round(1000 * statistics.median(ordered), 3),
+        "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3),
+    }
+
+
+def post_single(client: Any, url: str, pair: tuple[str, str], label: int) -> None:
+    response = client.post(url, json={"face_a": pair[0], "face_b": pair[1], "label": label})
+    if response.status_code != 201:
+        raise RuntimeError(f"{url}: {response.status_code} {response.text[:500]}")
+
+
+def post_batch(client: Any, url: str, pairs: list[tuple[str, str]]) -> None:
+    items = [{"face_a": a, "face_b": b, "label": index % 2} for index, (a, b) in enumerate(pairs)]
+    response = client.post(url, json={"items": items})
+    response.raise_for_status()
+    if response.json()["created"] != len(items):
+        raise RuntimeError(f"{url}: not every pair was created: {response.text[:500]}")
+
+
+def measure_singles(
+    clients: dict[str, Any], pairs: Iterator[tuple[str, str]], count: int
+) -> dict[str, list[float]]:
+    urls = {"api": "/v1/feedback", "bare_insert": "/bare/feedback"}
+    latencies: dict[str, list[float]] = {name: [] for name in urls}
+    for name, url in urls.items():
+        for index in range(WARMUP_REQUESTS):
+            post_single(clients[name], url, next(pairs), index % 2)
+    per_round = count // ROUNDS
+    for _round in range(ROUNDS):
+        for name, url in urls.items():
+            for index in range(per_round):
+                pair = next(pairs)
+                latencies[name].append(
+                    timed(lambda n=name, u=url, p=pair, i=index: post_single(clients[n], u, p, i % 2))
+                )
+    return latencies
+
+
+def measure_batches(
+    clients: dict[str, Any], pairs: Iterator[tuple[str, str]], batches: int, size: int
+) -> dict[str, list[float]]:
+    urls = {"api": "/v1/feedback/batch", "bare_insert": "/bare/feedback/batch"}
+    latencies: dict[str, list[float]] = {name: [] for name in urls}
+    for name, url in urls.items():
+        post_batch(clients[name], url, list(itertools.islice(pairs, size)))  # warm-up
+    for _batch in range(batches):
+        for name, url in urls.items():
+            chunk = list(itertools.islice(pairs, size))
+            latencies[name].append(timed(lambda n=name, u=url, c=chunk: post_batch(clients[n], u, c)))
+    return latencies
+
+
+def faces_needed(pair_count: int) -> int:
+    faces = 2
+    while faces * (faces - 1) // 2 < pair_count:
+        faces += 1
+    return faces
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    pair_count = 2 * (args.singles + WARMUP_REQUESTS) + 2 * (args.batches + 1) * args.batch_size
+    face_count = faces_needed(pair_count)
+    with tempfile.TemporaryDirectory(prefix="magtune-bench-") as tmp, fresh_database() as database_url:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MAGTUNE_")}
+        env.update(
+            MAGTUNE_DATABASE_URL=database_url,
+            MAGTUNE_BROKER_URL=REDIS_URL,
+            MAGTUNE_DATA_DIR=str(Path(tmp) / "data"),
+            MAGTUNE_MAX_FEEDBACK_BATCH=str(max(args.batch_size, 10_000)),
+        )
+        subprocess.run(magtune("migrate"), env=env, check=True, capture_output=True)
+        api_port, bare_port = free_port(), free_port()
+        api = magtune("serve", "--host", "127.0.0.1", "--port", str(api_port))
+        bare = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", "--port", str(bare_port)]
+        with (
+            server(api, env, f"http://127.0.0.1:{api_port}/readyz", Path(tmp) / "api.log"),
+            server(bare, env, f"http://127.0.0.1:{bare_port}/bare/ready", Path(tmp) / "bare.log"),
+            httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=300) as api_client,
+            httpx.Client(base_url=f"http://127.0.0.1:{bare_port}", timeout=300) as bare_client,
+        ):
+            clients = {"api": api_client, "bare_insert": bare_client}
+            face_ids = upload_faces(api_client, face_count)
+            all_pairs = list(itertools.combinations(face_ids, 2))
+            random.Random(1).shuffle(all_pairs)
+            pairs = iter(all_pairs)
+            singles = measure_singles(clients, pairs, args.singles)
+            batches = measure_batches(clients, pairs, args.batches, args.batch_size)
+
+    single = {name: summary(values, 1) for name, values in singles.items()}
+    batch = {name: summary(values, args.batch_size) for name, values in batches.items()}
+    ratio = single["api"]["records_per_s"] / single["bare_insert"]["records_per_s"]
+    return {
+        "benchmark": "api_ingest",
+        "database": "postgresql",
+        "server": "uvicorn, one process each",
+        "client": "one httpx client, sequential requests, keep-alive",
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "faces": face_count,
+        "single": {
+            **single,
+            "api_to_bare_ratio": round(ratio, 3),
+            "target_ratio": SINGLE_TARGET_RATIO,
+            "meets_target": ratio >= SINGLE_TARGET_RATIO,
+        },
+        "batch": {
+            "batch_size": args.batch_size,
+            **batch,
+            "target_pairs_per_s": BATCH_TARGET_PAIRS_PER_S,
+            "meets_target": batch["api"]["records_per_s"] >= BATCH_TARGET_PAIRS_PER_S,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--singles", type=int, default=2000, help="timed single posts per server")
+    parser.add_argument("--batches", type=int, default=5, help="timed batches per server")
+    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        from worker.cli.service_commands import serve_app
+
+        serve_app(f"{__name__}:create_bare_app", host="127.0.0.1", port=args.port, factory=True)
+        return
+    print(json.dumps(run(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""End-to-end fixtures: the api and worker as real processes, started with `magtune serve` / `magtune worker`.
+
+Every test gets a fresh PostgreSQL database (migrated with `magtune migrate`), a Redis database number of its
+own (flushed), a temporary data directory, and short heartbeat and sweep intervals so lost workers are
+noticed within seconds. The processes' logs are attached to the report of a failing test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import require
+from tests.e2e.services import (
+    RunningApi,
+    ServiceProcess,
+    dedicated_redis,
+    free_port,
+    fresh_postgres_database,
+    magtune_command,
+    postgres_available,
+    redis_available,
+    service_environment,
+)
+
+pytest.register_assert_rewrite("tests.e2e.flow")
+
+E2E_REDIS_DB = int(os.environ.get("MAGTUNE_TEST_E2E_REDIS_DB", "11"))
+WORKER_READY = r"celery@\S+ ready"
+SERVICES = pytest.StashKey[list[ServiceProcess]]()
+
+Launch = Callable[[str, list[str], dict[str, str]], ServiceProcess]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for service in item.stash.get(SERVICES, []):
+            report.sections.append((f"service {service.name}", service.describe()))
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    require(postgres_available(), "PostgreSQL not reachable (MAGTUNE_TEST_POSTGRES)")
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_broker() -> Iterator[str]:
+    require(redis_available(), "Redis not reachable (MAGTUNE_TEST_REDIS)")
+    with dedicated_redis(E2E_REDIS_DB) as url:
+        yield url
+
+
+@pytest.fixture
+def heartbeat_timeout_s() -> float:
+    """How long a silent worker is trusted; a test that kills workers overrides this with a shorter one."""
+    return 30.0
+
+
+@pytest.fixture
+def timing_settings(heartbeat_timeout_s: float) -> dict[str, str]:
+    return {
+        "MAGTUNE_JOB_HEARTBEAT_INTERVAL_S": "1",
+        "MAGTUNE_JOB_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout_s),
+        "MAGTUNE_SWEEP_INTERVAL_S": "1",
+    }
+
+
+@pytest.fixture
+def service_settings(
+    tmp_path: Path, postgres_database: str, redis_broker: str, timing_settings: dict[str, str]
+) -> dict[str, str]:
+    """The MAGTUNE_* environment of the api and the worker, after `magtune migrate` has run with it."""
+    settings = {
+        "MAGTUNE_DATABASE_URL": postgres_database,
+        "MAGTUNE_BROKER_URL": redis_broker,
+        "MAGTUNE_DATA_DIR": str(tmp_path / "data"),
+        **timing_settings,
+    }
+    migrate = subprocess.run(
+        magtune_command("migrate"),
+        env=service_environment(settings),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert migrate.returncode == 0, f"magtune migrate failed:\n{migrate.stdout}\n{migrate.stderr}"
+    return settings
+
+
+@pytest.fixture
+def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Launch]:
+    """Start `magtune` processes for this test; all of them are stopped afterwards, whatever happened."""
+    started: list[ServiceProcess] = []
+    request.node.stash[SERVICES] = started
+
+    def start(name: str, args: list[str], settings: dict[str, str]) -> ServiceProcess:
+        service = ServiceProcess(name, args, service_environment(settings), tmp_path / "services")
+        started.append(service)
+        return service.start()
+
+    try:
+        yield start
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def start_api(launch: Launch, settings: dict[str, str]) -> RunningApi:
+    port = free_port()
+    process = launch("api", ["serve", "--host", "127.0.0.1", "--port", str(port)], settings)
+    url = f"http://127.0.0.1:{port}"
+    process.wait_for_http(f"{url}/readyz")
+    return RunningApi(url, process)
+
+
+# `service_settings` comes before `launch` in these signatures: fixtures are torn down in reverse order, so
+# the processes stop before their database is dropped.
+
+
+@pytest.fixture
+def api(service_settings: dict[str, str], launch: Launch) -> RunningApi:
+    return start_api(launch, service_settings)
+
+
+@pytest.fixture
+def start_worker(service_settings: dict[str, str], launch: Launch) -> Callable[[], ServiceProcess]:
+    """Start a `magtune worker` and wait until Celery reports it ready; call again for another."""
+
+    def start() -> ServiceProcess:
+        worker = launch("worker", ["worker"], service_settings)
+        worker.wait_for_log(WORKER_READY)
+        return worker
+
+    return start
+
+
+@pytest.fixture
+def http(api: RunningApi) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api.url, timeout=60.0) as client:
+        yield client

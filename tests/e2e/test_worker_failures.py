@@ -1,0 +1,127 @@
+"""What happens to a job when its worker dies, and when someone cancels it: never left `running`."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.flow import (
+    FINISHED,
+    QUICK_FINETUNE,
+    Seeded,
+    ok,
+    seed_and_activate,
+    seed_over_http,
+    start_finetune,
+    wait_for_job,
+    wait_for_success,
+)
+from tests.e2e.services import ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+# Far more epochs than a test waits for: the job is still training when it is killed or cancelled.
+LONG_FINETUNE = {**QUICK_FINETUNE, "epochs": 500}
+
+
+def _training(job: dict[str, Any]) -> bool:
+    progress = job.get("progress") or {}
+    return job["status"] in FINISHED or (job["status"] == "running" and progress.get("step") is not None)
+
+
+def _ready_service(http: httpx.Client, johns_dir: Path, checkpoint: Path) -> Seeded:
+    return seed_and_activate(http, seed_over_http(http, johns_dir), checkpoint)
+
+
+def _children_of(http: httpx.Client, model_id: str) -> list[dict[str, Any]]:
+    return [
+        m
+        for m in ok(http.get("/v1/models", params={"limit": 100}), 200)["items"]
+        if m["parent_id"] == model_id
+    ]
+
+
+@pytest.mark.parametrize("heartbeat_timeout_s", [5.0])
+def test_a_job_whose_worker_is_killed_is_retried_or_failed(
+    http: httpx.Client,
+    start_worker: Callable[[], ServiceProcess],
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+) -> None:
+    worker = start_worker()
+    _ready_service(http, johns_dir, mobilefacenet_checkpoint)
+    job = start_finetune(http, LONG_FINETUNE)
+    training = wait_for_job(http, job["id"], until=_training).job
+    assert (training["status"], training["attempts"]) == ("running", 1), training
+
+    worker.kill()
+    # No worker now: the api's sweeper sees the heartbeat stop and hands the job back (or fails it).
+    after_kill = wait_for_job(http, job["id"], until=lambda j: j["status"] != "running", timeout_s=120).job
+    assert after_kill["status"] in ("queued", "failed"), after_kill
+    if after_kill["status"] == "failed":
+        assert after_kill["error"]["type"] == "worker-lost"
+        return
+
+    start_worker()
+    retried = wait_for_job(
+        http,
+        job["id"],
+        until=lambda j: j["status"] in FINISHED or (j["status"] == "running" and j["attempts"] >= 2),
+    ).job
+    assert (retried["status"], retried["attempts"]) == ("running", 2), retried
+
+    cancel = http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancel.status_code == 202, cancel.text
+    assert wait_for_job(http, job["id"], timeout_s=180).job["status"] == "cancelled"
+
+
+def test_a_cancelled_queued_job_never_starts(
+    http: httpx.Client,
+    start_worker: Callable[[], ServiceProcess],
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+) -> None:
+    worker = start_worker()
+    seeded = _ready_service(http, johns_dir, mobilefacenet_checkpoint)
+    assert worker.stop() == 0
+
+    job = start_finetune(http, QUICK_FINETUNE)
+    cancelled = ok(http.post(f"/v1/jobs/{job['id']}/cancel"), 200)
+    assert cancelled["status"] == "cancelled"
+
+    # One consumer takes messages in order: once a job sent after it has run, the cancelled one was seen.
+    start_worker()
+    later = ok(http.post("/v1/jobs", json={"kind": "reindex", "params": {}}), 202)
+    wait_for_success(http, later["id"])
+    final = ok(http.get(f"/v1/jobs/{job['id']}"), 200)
+    assert (final["status"], final["attempts"], final["started_at"]) == ("cancelled", 0, None), final
+    assert _children_of(http, seeded.base_model["id"]) == []
+
+
+def test_a_cancelled_running_job_stops_at_its_next_step(
+    http: httpx.Client,
+    start_worker: Callable[[], ServiceProcess],
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+) -> None:
+    worker = start_worker()
+    seeded = _ready_service(http, johns_dir, mobilefacenet_checkpoint)
+    job = start_finetune(http, LONG_FINETUNE)
+    training = wait_for_job(http, job["id"], until=_training).job
+    assert training["status"] == "running", training
+
+    cancel = http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancel.status_code == 202, cancel.text
+    assert cancel.json()["cancel_requested"] is True
+    final = wait_for_job(http, job["id"], timeout_s=120).job
+    assert final["status"] == "cancelled", final
+    assert final["finished_at"] is not None
+    assert final["progress"]["epoch"] < LONG_FINETUNE["epochs"], "it stopped long before its last epoch"
+    assert _children_of(http, seeded.base_model["id"]) == [], "a cancelled fine-tune registers no model"
+
+    # The worker carries on with the next job.
+    assert worker.alive()
+    later = ok(http.post("/v1/jobs", json={"kind": "reindex", "params": {}}), 202)
+    wait_for_success(http, later["id"])

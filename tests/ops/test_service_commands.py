@@ -1,0 +1,194 @@
+"""The service commands outside the end-to-end runs: `magtune sweep`, `magtune import` on bad input, help."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from app.db import get_engine, session_scope
+from app.tables import Job
+from tests.conftest import require
+from tests.e2e.services import (
+    ServiceProcess,
+    dedicated_redis,
+    free_port,
+    fresh_postgres_database,
+    magtune_command,
+    postgres_available,
+    redis_available,
+    service_environment,
+)
+from worker.cli import build_parser
+from worker.cli.feedback_import import read_seed_pairs
+from worker.cli.output import CommandError
+
+SWEEP_REDIS_DB = int(os.environ.get("MAGTUNE_TEST_SWEEP_REDIS_DB", "10"))
+
+
+def _magtune(
+    *args: str, settings: dict[str, str] | None = None, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        magtune_command(*args),
+        env=service_environment(settings or {}),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_help_lists_the_service_commands() -> None:
+    help_text = build_parser().format_help()
+    for command in ("up", "migrate", "serve", "worker", "sweep", "import"):
+        assert command in help_text
+
+
+def test_worker_defaults_to_one_job_at_a_time() -> None:
+    args = build_parser().parse_args(["worker"])
+    assert (args.concurrency, args.queue) == (1, None)
+
+
+def _write(path: Path, rows: object) -> Path:
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_seed_pairs_resolve_relative_to_their_file(tmp_path: Path) -> None:
+    (tmp_path / "faces").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "faces" / name).write_bytes(b"x")
+    rows = [{"image1": "faces/a.png", "image2": "faces/b.png", "label": 1}]
+    pairs = read_seed_pairs(_write(tmp_path / "pairs.json", rows))
+    assert [(p.image1.name, p.image2.name, p.label) for p in pairs] == [("a.png", "b.png", 1)]
+    assert pairs[0].image1 == (tmp_path / "faces" / "a.png").resolve()
+
+
+def test_seed_pairs_name_every_bad_row(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"y")
+    rows = [
+        {"image1": "a.png", "image2": "b.png", "label": 1},
+        {"image1": "a.png", "image2": "missing.png", "label": 0},
+        {"image1": "a.png", "image2": "b.png", "label": True},
+        {"image1": "a.png", "image2": "a.png", "label": 1},
+        {"image1": "a.png", "label": 1},
+    ]
+    with pytest.raises(CommandError) as caught:
+        read_seed_pairs(_write(tmp_path / "pairs.json", rows))
+    message = str(caught.value)
+    assert "4 bad rows" in message
+    for row in (2, 3, 4, 5):
+        assert f"row {row}:" in message
+    assert "row 1:" not in message
+
+
+def test_import_sends_nothing_when_a_row_is_bad(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    rows = [{"image1": "a.png", "image2": "gone.png", "label": 1}]
+    done = _magtune(
+        "import", str(_write(tmp_path / "p.json", rows)), "--api", "http://127.0.0.1:9", cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert "row 1: image2 gone.png not found" in done.stderr
+    assert "cannot reach" not in done.stderr
+
+
+def test_import_says_when_the_api_is_unreachable(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"y")
+    rows = [{"image1": "a.png", "image2": "b.png", "label": 1}]
+    api = f"http://127.0.0.1:{free_port()}"
+    done = _magtune("import", str(_write(tmp_path / "p.json", rows)), "--api", api, cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"cannot reach the api at {api}" in done.stderr
+
+
+@pytest.fixture
+def migrated_database(tmp_path: Path) -> Iterator[str]:
+    require(postgres_available(), "PostgreSQL not reachable (MAGTUNE_TEST_POSTGRES)")
+    with fresh_postgres_database() as url:
+        done = _magtune("migrate", settings={"MAGTUNE_DATABASE_URL": url}, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        yield url
+        get_engine(url).dispose()
+
+
+def test_sweep_hands_back_a_job_whose_worker_went_silent(migrated_database: str, tmp_path: Path) -> None:
+    require(redis_available(), "Redis not reachable (MAGTUNE_TEST_REDIS)")
+    silent_since = datetime.now(UTC) - timedelta(hours=1)
+    job_id = uuid.uuid4()
+    with session_scope(migrated_database) as session:
+        session.add(
+            Job(
+                id=job_id,
+                kind="reindex",
+                status="running",
+                params={},
+                attempts=1,
+                max_attempts=3,
+                started_at=silent_since,
+                heartbeat_at=silent_since,
+            )
+        )
+    with dedicated_redis(SWEEP_REDIS_DB) as broker:
+        settings = {"MAGTUNE_DATABASE_URL": migrated_database, "MAGTUNE_BROKER_URL": broker}
+        done = _magtune("sweep", settings=settings, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["requeued"] == [str(job_id)]
+        assert report["counts"]["requeued"] == 1 and report["counts"]["failed"] == 0
+        assert redis.Redis.from_url(broker).llen("gpu") == 1, "the job's id is on the queue again"
+    with session_scope(migrated_database) as session:
+        assert session.scalar(select(Job.status).where(Job.id == job_id)) == "queued"
+
+
+def _png(seed: int) -> bytes:
+    import io
+    import random
+
+    from PIL import Image
+
+    pixels = random.Random(seed).randbytes(112 * 112 * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (112, 112), pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_import_skips_the_pairs_of_a_refused_image(migrated_database: str, tmp_path: Path) -> None:
+    for index in range(3):
+        (tmp_path / f"{index}.png").write_bytes(_png(index))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    rows = [
+        {"image1": "0.png", "image2": "1.png", "label": 1},
+        {"image1": "1.png", "image2": "2.png", "label": 0},
+        {"image1": "0.png", "image2": "broken.png", "label": 0},
+    ]
+    settings = {
+        "MAGTUNE_DATABASE_URL": migrated_database,
+        "MAGTUNE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "MAGTUNE_DATA_DIR": str(tmp_path / "data"),
+    }
+    port = free_port()
+    with ServiceProcess(
+        "api", ["serve", "--port", str(port)], service_environment(settings), tmp_path
+    ) as api:
+        api.wait_for_http(f"http://127.0.0.1:{port}/healthz")
+        feedback = _write(tmp_path / "pairs.json", rows)
+        done = _magtune("import", str(feedback), "--api", f"http://127.0.0.1:{port}", "--json", cwd=tmp_path)
+    assert done.returncode == 1, "something was refused"
+    result = json.loads(done.stdout)
+    assert result["faces"] == {"created": 3, "existing": 0, "rejected": 1}
+    assert result["pairs"] == {"created": 2, "existing": 0, "rejected": 0, "same_face": 0, "bad_image": 1}
+    assert [line.split(":")[0] for line in result["rejections"]] == [
+        f"image {(tmp_path / 'broken.png').resolve()}"
+    ]

@@ -1,0 +1,224 @@
+"""`magtune import`: a feedback file of image paths, sent to a running api as faces and pairs of face ids.
+
+Standard library only: it is a client, usable wherever the package is installed, and it loads neither torch
+nor the api. Paths stay on this machine: each image goes up as bytes under a neutral file name.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.cli.output import CommandError
+
+MAX_LISTED_REJECTIONS = 20
+
+
+@dataclass(frozen=True)
+class SeedPair:
+    image1: Path
+    image2: Path
+    label: int
+
+
+def read_seed_pairs(path: Path) -> list[SeedPair]:
+    """All rows, or CommandError naming every bad row (nothing is sent when one row is wrong)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(rows, list):
+        raise CommandError(f'{path}: expected a list of {{"image1", "image2", "label"}} objects')
+    pairs: list[SeedPair] = []
+    problems: list[str] = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            pairs.append(_seed_pair(row, path.parent))
+        except ValueError as exc:
+            problems.append(f"row {number}: {exc}")
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise CommandError(f"{path}: {len(problems)} bad rows: {shown}")
+    return pairs
+
+
+def _seed_pair(row: Any, folder: Path) -> SeedPair:
+    if not isinstance(row, dict) or not {"image1", "image2", "label"} <= row.keys():
+        raise ValueError('expected an object with "image1", "image2" and "label"')
+    label = row["label"]
+    if isinstance(label, bool) or label not in (0, 1):
+        raise ValueError(f"label must be 1 (same person) or 0 (different people), got {label!r}")
+    images = []
+    for key in ("image1", "image2"):
+        if not isinstance(row[key], str) or not row[key]:
+            raise ValueError(f"{key} must be a path")
+        image = (folder / row[key]).resolve()
+        if not image.is_file():
+            raise ValueError(f"{key} {row[key]} not found")
+        images.append(image)
+    if images[0] == images[1]:
+        raise ValueError("a pair of one image with itself")
+    return SeedPair(images[0], images[1], int(label))
+
+
+class ApiRefused(Exception):
+    """The api answered 4xx: this request was wrong (a corrupt image, say), not the connection."""
+
+
+class ApiClient:
+    """Just enough HTTP for JSON and one multipart upload.
+
+    A 4xx reply raises ApiRefused; an unreachable api or a 5xx reply is a CommandError that ends the import.
+    """
+
+    def __init__(self, base_url: str, timeout_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def post_json(self, path: str, body: Any) -> tuple[int, Any]:
+        return self._post(path, json.dumps(body).encode(), "application/json")
+
+    def upload(self, path: str, content: bytes, filename: str, fields: dict[str, str]) -> tuple[int, Any]:
+        boundary = uuid.uuid4().hex
+        media_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+            for name, value in fields.items()
+        ]
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            f"Content-Type: {media_type}\r\n\r\n".encode()
+            + content
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        return self._post(path, b"".join(parts), f"multipart/form-data; boundary={boundary}")
+
+    def _post(self, path: str, data: bytes, content_type: str) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            self.base_url + path,
+            data=data,
+            method="POST",
+            headers={"Content-Type": content_type, "Accept": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            message = f"POST {path}: {exc.code} {_problem_text(exc.read())}"
+            if 400 <= exc.code < 500:
+                raise ApiRefused(message) from exc
+            raise CommandError(message) from exc
+        except urllib.error.URLError as exc:
+            raise CommandError(f"cannot reach the api at {self.base_url}: {exc.reason}") from exc
+
+
+def _problem_text(body: bytes) -> str:
+    try:
+        problem = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")[:200]
+    if not isinstance(problem, dict):
+        return str(problem)[:200]
+    return " ".join(str(problem.get(key)) for key in ("title", "detail") if problem.get(key))
+
+
+def upload_faces(
+    client: ApiClient, images: list[Path], *, source: str
+) -> tuple[dict[Path, str], dict[str, int], list[str]]:
+    """Each distinct image once; identical bytes under two paths come back as one face.
+
+    An image the api refuses is reported and its pairs are skipped; the rest go on.
+    """
+    face_ids: dict[Path, str] = {}
+    counts = {"created": 0, "existing": 0, "rejected": 0}
+    rejections: list[str] = []
+    for image in images:
+        try:
+            status, face = client.upload(
+                "/v1/faces", image.read_bytes(), f"face{image.suffix.lower()}", {"source": source}
+            )
+        except ApiRefused as exc:
+            counts["rejected"] += 1
+            rejections.append(f"image {image}: {exc}")
+            continue
+        face_ids[image] = face["id"]
+        counts["created" if status == 201 else "existing"] += 1
+    return face_ids, counts, rejections
+
+
+def post_pairs(
+    client: ApiClient, items: list[dict[str, Any]], rows: list[int], *, chunk_size: int
+) -> tuple[dict[str, int], list[str]]:
+    """Batches of `chunk_size`; the api answers for each item, so one bad pair never sinks the rest.
+
+    `rows` gives each item's row number in the input file, to name rejected pairs the way the user sees them.
+    """
+    counts = {"created": 0, "existing": 0, "rejected": 0}
+    rejections: list[str] = []
+    for start in range(0, len(items), chunk_size):
+        _status, reply = client.post_json("/v1/feedback/batch", {"items": items[start : start + chunk_size]})
+        counts["created"] += reply["created"]
+        counts["existing"] += reply["existing"]
+        counts["rejected"] += reply["failed"]
+        for outcome in reply["results"]:
+            if outcome["status"] == "error":
+                error = outcome.get("error") or {}
+                what = " ".join(str(error[key]) for key in ("title", "detail") if error.get(key))
+                rejections.append(f"row {rows[start + outcome['index']]}: {what}")
+    return counts, rejections
+
+
+def import_feedback(
+    feedback_json: str | Path,
+    *,
+    api_url: str,
+    regression: bool = False,
+    source: str = "magtune import",
+    annotator: str | None = None,
+    chunk_size: int = 1000,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    if chunk_size < 1:
+        raise CommandError("--chunk-size must be at least 1")
+    path = Path(feedback_json)
+    pairs = read_seed_pairs(path)
+    images = sorted({image for pair in pairs for image in (pair.image1, pair.image2)})
+    client = ApiClient(api_url, timeout_s)
+    face_ids, face_counts, rejections = upload_faces(client, images, source=source)
+    split = "regression" if regression else None
+    items: list[dict[str, Any]] = []
+    rows: list[int] = []
+    skipped = {"same_face": 0, "bad_image": 0}
+    for row, pair in enumerate(pairs, start=1):
+        face_a, face_b = face_ids.get(pair.image1), face_ids.get(pair.image2)
+        if face_a is None or face_b is None:
+            skipped["bad_image"] += 1
+            continue
+        if face_a == face_b:
+            skipped["same_face"] += 1
+            continue
+        item: dict[str, Any] = {"face_a": face_a, "face_b": face_b, "label": pair.label, "source": source}
+        if annotator:
+            item["annotator"] = annotator
+        if split:
+            item["split"] = split
+        items.append(item)
+        rows.append(row)
+    pair_counts, pair_rejections = post_pairs(client, items, rows, chunk_size=chunk_size)
+    rejections += pair_rejections
+    return {
+        "input": str(path),
+        "api": client.base_url,
+        "rows": len(pairs),
+        "images": len(images),
+        "split": split,
+        "faces": face_counts,
+        "pairs": {**pair_counts, **skipped},
+        "rejections": rejections[:MAX_LISTED_REJECTIONS],
+    }

@@ -1,0 +1,242 @@
+"""Commands that run the service: the api, the worker, both at once (embedded), migrations, a sweep, import.
+
+Each handler imports what it needs when it runs: `magtune serve` must never load torch, and `magtune --help`
+stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import uuid
+from typing import Any
+
+from worker.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CommandError, emit, error
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+API_APP = "app.main:create_app"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_up(subparsers)
+    _register_migrate(subparsers)
+    _register_serve(subparsers)
+    _register_worker(subparsers)
+    _register_sweep(subparsers)
+    _register_import(subparsers)
+
+
+def _add_listen_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+
+
+def _register_up(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="run the whole service on this machine: migrate, then the api and one worker",
+        description="Embedded mode: SQLite and the SQLAlchemy broker under the data directory unless "
+        "MAGTUNE_DATABASE_URL / MAGTUNE_BROKER_URL say otherwise. Ctrl-C stops both processes.",
+    )
+    _add_listen_options(parser)
+    parser.add_argument(
+        "--data-dir", help="where the database, broker and blobs live (sets MAGTUNE_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for a clean stop before killing (default 30; a second Ctrl-C kills at once)",
+    )
+    parser.set_defaults(handler=run_up)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from worker.cli.embedded import run_embedded
+
+    return run_embedded(
+        host=args.host, port=args.port, data_dir=args.data_dir, stop_timeout_s=args.stop_timeout
+    )
+
+
+def _register_migrate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "migrate", help="bring the database schema up to date (alembic upgrade head)"
+    )
+    parser.set_defaults(handler=run_migrate)
+
+
+def run_migrate(_args: argparse.Namespace) -> int:
+    from sqlalchemy.engine import make_url
+
+    from app.config import get_settings
+    from app.migrate import upgrade_database
+
+    settings = get_settings()
+    upgrade_database(settings.database_url)
+    print(f"database {make_url(settings.database_url).render_as_string(hide_password=True)} is up to date")
+    return EXIT_OK
+
+
+def _register_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="run the api (uvicorn)")
+    _add_listen_options(parser)
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    serve_app(API_APP, host=args.host, port=args.port, log_level=args.log_level, factory=True)
+    return EXIT_OK
+
+
+def serve_app(app: str, *, host: str, port: int, log_level: str = "info", factory: bool = False) -> None:
+    """uvicorn as the api runs it; `bench/` serves its bare baseline through here too, to compare alike."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        factory=factory,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=_log_config(log_level),
+        proxy_headers=True,
+    )
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's own logging plus the service's loggers (`app.*`: the sweeper, the queue), which it omits."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["app"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def _register_worker(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="run a Celery worker for the job queue",
+        description="One job at a time per GPU: prefork pool, and a fresh child process for every job so "
+        "that no CUDA state outlives a job and the parent process never touches CUDA.",
+    )
+    parser.add_argument("--queue", help="queue to consume (default: MAGTUNE_QUEUE_NAME, else gpu)")
+    parser.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1: one per GPU)")
+    parser.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
+    parser.set_defaults(handler=run_worker)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from app.config import get_settings
+    from worker.celery_app import celery_app
+
+    queue = args.queue or get_settings().queue_name
+    argv = [
+        "worker",
+        "--queues",
+        queue,
+        "--concurrency",
+        str(args.concurrency),
+        "--pool",
+        "prefork",
+        "--max-tasks-per-child",
+        "1",
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        args.loglevel,
+    ]
+    return int(celery_app.start(argv=argv) or EXIT_OK)
+
+
+def _register_sweep(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="one pass of the job sweeper (re-send lost messages, recover jobs of dead workers); prints JSON",
+        description="The api runs this every MAGTUNE_SWEEP_INTERVAL_S; this command is for cron or for an "
+        "operator without a running api.",
+    )
+    parser.set_defaults(handler=run_sweep)
+
+
+def run_sweep(_args: argparse.Namespace) -> int:
+    from app.config import get_settings
+    from app.jobs.sweeper import sweep_once
+
+    report = sweep_once(get_settings())
+    emit(_sweep_json(dataclasses.asdict(report)), as_json=True, render=str)
+    return EXIT_OK
+
+
+def _sweep_json(report: dict[str, list[uuid.UUID]]) -> dict[str, Any]:
+    return {
+        "counts": {name: len(ids) for name, ids in report.items()},
+        **{name: [str(job_id) for job_id in ids] for name, ids in report.items()},
+    }
+
+
+def _register_import(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "import",
+        help="upload the images of a feedback file and post its pairs to a running api",
+        description='Reads the feedback format [{"image1": path, "image2": path, "label": 1 or 0}] (paths '
+        "relative to the file). Each distinct image is uploaded once; only image bytes and pairs of face "
+        "ids reach the server, never paths.",
+    )
+    parser.add_argument("feedback_json", metavar="FEEDBACK_JSON")
+    parser.add_argument(
+        "--api", required=True, metavar="URL", help="the api's base URL, e.g. http://127.0.0.1:8000"
+    )
+    parser.add_argument(
+        "--regression",
+        action="store_true",
+        help="post the pairs to the regression set: scored by the promotion gate, never trained on",
+    )
+    parser.add_argument("--source", default="magtune import", help="source recorded on faces and pairs")
+    parser.add_argument("--annotator", help="annotator recorded on the pairs")
+    parser.add_argument("--chunk-size", type=int, default=1000, help="pairs per batch request (default 1000)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=run_import)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """Exit 0 when everything arrived, 1 when the api refused some images or pairs, 2 on bad input."""
+    from worker.cli.feedback_import import import_feedback
+
+    try:
+        result = import_feedback(
+            args.feedback_json,
+            api_url=args.api,
+            regression=args.regression,
+            source=args.source,
+            annotator=args.annotator,
+            chunk_size=args.chunk_size,
+            timeout_s=args.timeout,
+        )
+    except (CommandError, OSError) as exc:
+        error(args.command, str(exc))
+        return EXIT_BAD_INPUT
+    emit(result, as_json=args.json, render=_render_import)
+    refused = result["faces"]["rejected"] + result["pairs"]["rejected"]
+    return EXIT_FAILED if refused else EXIT_OK
+
+
+def _render_import(result: dict[str, Any]) -> str:
+    faces, pairs = result["faces"], result["pairs"]
+    lines = [
+        f"read {result['rows']} pairs naming {result['images']} images from {result['input']}",
+        f"faces: {faces['created']} uploaded, {faces['existing']} already stored, "
+        f"{faces['rejected']} refused",
+        f"pairs ({result['split'] or 'split by face'}): {pairs['created']} created, "
+        f"{pairs['existing']} already recorded, {pairs['rejected']} refused, "
+        f"{pairs['same_face']} skipped (both images are one face), "
+        f"{pairs['bad_image']} skipped (an image was refused)",
+    ]
+    lines += [f"  {problem}" for problem in result["rejections"]]
+    return "\n".join(lines)

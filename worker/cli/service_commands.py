@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import uuid
 from typing import Any
 
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_worker(subparsers)
     _register_sweep(subparsers)
     _register_import(subparsers)
+    _register_reindex(subparsers)
 
 
 def _add_listen_options(parser: argparse.ArgumentParser) -> None:
@@ -240,3 +242,48 @@ def _render_import(result: dict[str, Any]) -> str:
     ]
     lines += [f"  {problem}" for problem in result["rejections"]]
     return "\n".join(lines)
+
+
+def _register_reindex(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "reindex",
+        help="re-embed every stored face with a model, as a job on a running api",
+        description="Starts a reindex job (POST /v1/jobs); with --wait, follows it to the end. The worker "
+        "embeds every face in batches and records each face's quality (the embedding's norm).",
+    )
+    parser.add_argument(
+        "--api", required=True, metavar="URL", help="the api's base URL, e.g. http://127.0.0.1:8000"
+    )
+    parser.add_argument("--model", metavar="ID", help="the model to embed with (default: the active one)")
+    parser.add_argument("--wait", action="store_true", help="poll the job until it finishes")
+    parser.add_argument("--poll-interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    parser.add_argument("--json", action="store_true", help="print the job as JSON")
+    parser.set_defaults(handler=run_reindex)
+
+
+def run_reindex(args: argparse.Namespace) -> int:
+    """Exit 0 when the job was queued (or, with --wait, succeeded), 1 when it failed, 2 when refused."""
+    from worker.cli.api_client import ApiClient, ApiRefused
+    from worker.cli.job_follow import follow_job
+
+    client = ApiClient(args.api, args.timeout)
+    params = {"model": args.model} if args.model else {}
+    try:
+        _status, job = client.post_json("/v1/jobs", {"kind": "reindex", "params": params})
+        if args.wait:
+            job = follow_job(client, job["id"], poll_interval_s=args.poll_interval, quiet=args.json)
+    except (ApiRefused, CommandError) as exc:
+        error(args.command, str(exc))
+        return EXIT_BAD_INPUT
+    emit(job, as_json=args.json, render=_render_job)
+    return EXIT_OK if job["status"] in {"queued", "running", "succeeded"} else EXIT_FAILED
+
+
+def _render_job(job: dict[str, Any]) -> str:
+    line = f"job {job['id']} ({job['kind']}): {job['status']}"
+    if job.get("result"):
+        line += "\n" + json.dumps(job["result"], indent=2)
+    if job.get("error"):
+        line += f"\nerror: {job['error'].get('title')}: {job['error'].get('detail')}"
+    return line

@@ -11,57 +11,20 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
-from sqlalchemy import func, select
 
 from app.config import Settings
 from app.db import session_scope
-from app.main import create_app
 from app.splits import split_for_digest
 from app.tables import Face, FaceEmbedding, FeedbackPair, ModelVersion
+from tests.app.factories import count_rows, insert_face
+from tests.app.problems import assert_problem
 
-PROBLEM = "application/problem+json"
-PROBLEMS = "https://magtune.dev/problems/"
-
-
-# ---- helpers shared with the feedback tests ---------------------------------------------------------------
-
-
-def count_rows(settings: Settings, table: type) -> int:
-    with session_scope(settings.database_url) as session:
-        return session.scalar(select(func.count()).select_from(table)) or 0
+# ---- helpers ---------------------------------------------------------------------------------------------
 
 
 def blob_files(settings: Settings) -> list[Path]:
     """Every file under the blob store, temp files included."""
     return sorted(path for path in settings.blob_dir.rglob("*") if path.is_file())
-
-
-def insert_face(settings: Settings, *, split: str = "train", subject: str | None = None) -> uuid.UUID:
-    """A face row without an upload, for tests that need many faces with chosen splits."""
-    with session_scope(settings.database_url) as session:
-        face = Face(
-            sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
-            byte_size=1,
-            media_type="image/png",
-            width=112,
-            height=112,
-            channels=3,
-            split=split,
-            subject=subject,
-        )
-        session.add(face)
-        session.flush()
-        return face.id
-
-
-def assert_problem(response: Response, status: int, kind: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body = response.json()
-    assert body["type"] == PROBLEMS + kind
-    assert body["status"] == status
-    assert body["title"]
-    return body
 
 
 def png(width: int, height: int, idat: bytes) -> bytes:
@@ -74,6 +37,10 @@ def png(width: int, height: int, idat: bytes) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def upload(client: TestClient, data: bytes, name: str = "face.png", **fields: str) -> Response:
+    return client.post("/v1/faces", files={"file": (name, data, "application/octet-stream")}, data=fields)
+
+
 # ---- fixtures --------------------------------------------------------------------------------------------
 
 
@@ -82,25 +49,6 @@ def face_pngs(johns_dir: Path) -> list[Path]:
     paths = sorted((johns_dir / "aligned_112").glob("*/*.png"))
     assert len(paths) >= 12
     return paths
-
-
-@pytest.fixture
-def client_with(settings: Settings) -> Iterator[Callable[..., TestClient]]:
-    """A client whose settings differ from the default ones (limits, mostly)."""
-    clients: list[TestClient] = []
-
-    def make(**overrides: Any) -> TestClient:
-        test_client = TestClient(create_app(settings.model_copy(update=overrides), run_sweeper=False))
-        clients.append(test_client.__enter__())
-        return test_client
-
-    yield make
-    for test_client in clients:
-        test_client.__exit__(None, None, None)
-
-
-def upload(client: TestClient, data: bytes, name: str = "face.png", **fields: str) -> Response:
-    return client.post("/v1/faces", files={"file": (name, data, "application/octet-stream")}, data=fields)
 
 
 # ---- upload ----------------------------------------------------------------------------------------------

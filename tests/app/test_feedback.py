@@ -16,9 +16,9 @@ from app.feedback.service import canonical_pair
 from app.main import create_app
 from app.migrate import upgrade_database
 from app.tables import FeedbackPair, IdempotencyRecord
-from tests.app.test_faces import assert_problem, client_with, count_rows, insert_face
+from tests.app.factories import count_rows, insert_face
+from tests.app.problems import assert_problem
 
-__all__ = ["client_with"]  # a fixture, imported for these tests too
 SPLITS = ("train", "val", "test")
 
 

@@ -4,7 +4,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from tests.app.test_queue import CLOSED_PORT_BROKER
+from tests.services import CLOSED_PORT_BROKER
 
 CLOSED_PORT_DATABASE = "postgresql+psycopg://root@127.0.0.1:1/magtune?connect_timeout=2"
 

@@ -3,10 +3,7 @@
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,53 +14,11 @@ from app.db import session_scope
 from app.jobs.params import DEFAULT_MARGIN
 from app.jobs.service import create_job
 from app.jobs.sweeper import start_background_sweeper, sweep_once
-from app.tables import Activation, Job, ModelVersion
-from tests.app.test_queue import CLOSED_PORT_BROKER, QueueProbe, isolated_queue
-
-PROBLEM = "application/problem+json"
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[QueueProbe]:
-    with isolated_queue(redis_url) as queue:
-        yield queue
-
-
-@pytest.fixture
-def settings(postgres_url: str, tmp_path: Path, broker: QueueProbe) -> Settings:
-    return Settings(
-        database_url=postgres_url, broker_url=broker.url, queue_name=broker.name, data_dir=tmp_path / "data"
-    )
-
-
-def insert_model(settings: Settings, *, status: str = "ready", arch: str = "mobilefacenet") -> uuid.UUID:
-    with session_scope(settings.database_url) as session:
-        model = ModelVersion(arch=arch, status=status, sha256=uuid.uuid4().hex * 2, byte_size=1234)
-        session.add(model)
-        session.flush()
-        return model.id
-
-
-def activate_directly(settings: Settings, model_id: uuid.UUID) -> None:
-    with session_scope(settings.database_url) as session:
-        session.add(Activation(model_id=model_id, actor="test"))
-
-
-def insert_job(settings: Settings, **values: Any) -> uuid.UUID:
-    values.setdefault("kind", "finetune")
-    values.setdefault("params", {})
-    with session_scope(settings.database_url) as session:
-        job = Job(**values)
-        session.add(job)
-        session.flush()
-        return job.id
-
-
-def read_job(settings: Settings, job_id: uuid.UUID) -> Job:
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        session.expunge(job)
-        return job
+from app.tables import Job
+from tests.app.factories import activate_directly, insert_job, insert_model, read_job
+from tests.app.problems import PROBLEM
+from tests.queues import QueueProbe
+from tests.services import CLOSED_PORT_BROKER
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 
 import hashlib
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,21 +12,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.observability import record_feedback_ingested
 from app.tables import Activation, Evaluation, Face, FaceEmbedding, FeedbackPair, ModelVersion
-from tests.app.test_jobs import insert_job, insert_model
-from tests.app.test_queue import QueueProbe, isolated_queue
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[QueueProbe]:
-    with isolated_queue(redis_url) as queue:
-        yield queue
-
-
-@pytest.fixture
-def settings(postgres_url: str, tmp_path: Path, broker: QueueProbe) -> Settings:
-    return Settings(
-        database_url=postgres_url, broker_url=broker.url, queue_name=broker.name, data_dir=tmp_path / "data"
-    )
+from tests.app.factories import insert_job, insert_model
 
 
 def insert_faces(settings: Settings, splits: list[str]) -> list[uuid.UUID]:

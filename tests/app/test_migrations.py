@@ -1,10 +1,7 @@
 """The Alembic migrations build exactly the schema of app/tables.py, on PostgreSQL and SQLite, and undo it."""
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -23,15 +20,9 @@ CHECK_CONSTRAINTS = {
 
 
 @pytest.fixture
-def empty_postgresql_url(postgres_url: str) -> Iterator[str]:
+def empty_postgresql_url(postgres_database: str) -> str:
     """A database of its own on the test server, with nothing in it."""
-    server = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1).rsplit("/", 1)[0]
-    name = f"magtune_migrations_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{postgres_url.rsplit('/', 1)[0]}/{name}"
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return postgres_database
 
 
 @pytest.fixture

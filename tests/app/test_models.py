@@ -11,7 +11,6 @@ import os
 import pickle
 import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,10 +24,9 @@ from app.db import session_scope
 from app.main import create_app
 from app.models.service import activate_model
 from app.tables import Activation, Job
-from tests.app.test_jobs import insert_job, insert_model
-from tests.app.test_queue import QueueProbe, isolated_queue
-
-PROBLEM = "application/problem+json"
+from tests.app.factories import insert_job, insert_model
+from tests.app.problems import PROBLEM
+from tests.queues import QueueProbe
 
 
 class RunsAShellCommand:
@@ -56,19 +54,6 @@ def state_dict_checkpoint(seed: int = 0) -> bytes:
         ]
     )
     return saved({"epoch": 25, "arch": "iresnet18", "state_dict": weights})
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[QueueProbe]:
-    with isolated_queue(redis_url) as queue:
-        yield queue
-
-
-@pytest.fixture
-def settings(postgres_url: str, tmp_path: Path, broker: QueueProbe) -> Settings:
-    return Settings(
-        database_url=postgres_url, broker_url=broker.url, queue_name=broker.name, data_dir=tmp_path / "data"
-    )
 
 
 def upload(

@@ -1,12 +1,8 @@
 """The Celery configuration and sending a job id to the gpu queue, against the real Redis."""
 
-import base64
 import json
-import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,51 +13,14 @@ from app.config import Settings
 from app.db import session_scope
 from app.queue import enqueue_job, make_celery
 from app.tables import Job
-
-# A database number of its own (flushed), since these tests look at the real `gpu` queue.
-BROKER_DB = int(os.environ.get("MAGTUNE_TEST_QUEUE_REDIS_DB", "13"))
-# Other api tests share one database and isolate themselves by queue name instead.
-SHARED_BROKER_DB = int(os.environ.get("MAGTUNE_TEST_API_REDIS_DB", "14"))
-CLOSED_PORT_BROKER = "redis://127.0.0.1:1/0"
-
-
-def redis_db_url(redis_url: str, db: int) -> str:
-    return f"{redis_url.rsplit('/', 1)[0]}/{db}"
-
-
-@dataclass
-class QueueProbe:
-    """A queue no worker listens to, so a test can read back exactly the messages it caused."""
-
-    client: redis.Redis
-    url: str
-    name: str
-
-    def sent_job_ids(self) -> list[str]:
-        return [job_id_of(raw) for raw in self.client.lrange(self.name, 0, -1)]
-
-    def clear(self) -> None:
-        self.client.delete(self.name, f"_kombu.binding.{self.name}", f"_kombu.binding_permanent.{self.name}")
-
-
-def job_id_of(raw_message: bytes) -> str:
-    args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw_message)["body"]))
-    return args[0]
-
-
-@contextmanager
-def isolated_queue(redis_url: str) -> Iterator[QueueProbe]:
-    url = redis_db_url(redis_url, SHARED_BROKER_DB)
-    queue = QueueProbe(redis.Redis.from_url(url), url, f"gpu-test-{uuid.uuid4().hex[:12]}")
-    try:
-        yield queue
-    finally:
-        queue.clear()
+from tests.queues import job_id_of
+from tests.services import CLOSED_PORT_BROKER, GPU_QUEUE_REDIS_DB, redis_db_url
 
 
 @pytest.fixture
 def broker(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_db_url(redis_url, BROKER_DB))
+    """Overrides the shared isolated queue: these tests read the real `gpu` queue, on its own database."""
+    client = redis.Redis.from_url(redis_db_url(redis_url, GPU_QUEUE_REDIS_DB))
     client.flushdb()
     yield client
     client.flushdb()
@@ -69,9 +28,10 @@ def broker(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def settings(postgres_url: str, redis_url: str, tmp_path: Path) -> Settings:
+    """Overrides the shared settings: the default `gpu` queue on that database, and time limits to check."""
     return Settings(
         database_url=postgres_url,
-        broker_url=redis_db_url(redis_url, BROKER_DB),
+        broker_url=redis_db_url(redis_url, GPU_QUEUE_REDIS_DB),
         data_dir=tmp_path / "data",
         job_soft_time_limit_s=7200,
         job_time_limit_s=7500,

@@ -7,7 +7,6 @@ noticed within seconds. The processes' logs are attached to the report of a fail
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,21 +15,11 @@ import httpx
 import pytest
 
 from tests.conftest import require
-from tests.e2e.services import (
-    RunningApi,
-    ServiceProcess,
-    dedicated_redis,
-    free_port,
-    fresh_postgres_database,
-    magtune_command,
-    postgres_available,
-    redis_available,
-    service_environment,
-)
+from tests.e2e.services import RunningApi, ServiceProcess, free_port, magtune_command, service_environment
+from tests.services import E2E_REDIS_DB, dedicated_redis, redis_available
 
 pytest.register_assert_rewrite("tests.e2e.flow")
 
-E2E_REDIS_DB = int(os.environ.get("MAGTUNE_TEST_E2E_REDIS_DB", "11"))
 WORKER_READY = r"celery@\S+ ready"
 SERVICES = pytest.StashKey[list[ServiceProcess]]()
 
@@ -44,13 +33,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed:
         for service in item.stash.get(SERVICES, []):
             report.sections.append((f"service {service.name}", service.describe()))
-
-
-@pytest.fixture
-def postgres_database() -> Iterator[str]:
-    require(postgres_available(), "PostgreSQL not reachable (MAGTUNE_TEST_POSTGRES)")
-    with fresh_postgres_database() as url:
-        yield url
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Real service processes for tests, started with the project's own `magtune` commands and always stopped.
 
 Each process leads a session of its own, so stopping it reaches everything it started: Celery's pool
-children, and the api and worker that `magtune up` starts in process groups of their own.
+children, and the api and worker that `magtune up` starts in process groups of their own. The databases
+and Redis they run against come from tests/services.py.
 """
 
 from __future__ import annotations
@@ -14,18 +15,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import httpx
-import psycopg
-import redis
 
-POSTGRES_ADMIN_URL = os.environ.get("MAGTUNE_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("MAGTUNE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 LOG_TAIL_CHARS = 20_000
 
 
@@ -57,48 +54,6 @@ def service_environment(settings: Mapping[str, str]) -> dict[str, str]:
     env.update(settings)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def postgres_available() -> bool:
-    try:
-        with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3):
-            return True
-    except psycopg.OperationalError:
-        return False
-
-
-def redis_available() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping())
-    except redis.RedisError:
-        return False
-
-
-@contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    """An empty database of its own (SQLAlchemy URL), dropped afterwards whatever happened."""
-    name = f"magtune_e2e_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextmanager
-def dedicated_redis(db: int) -> Iterator[str]:
-    """A Redis database number of its own, flushed before and after, so no other test's worker reads it."""
-    url = re.sub(r"/\d*$", "", REDIS_URL.rstrip("/")) + f"/{db}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
-        yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 def session_members(session_id: int) -> list[int]:

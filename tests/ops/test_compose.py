@@ -3,7 +3,6 @@ outside Docker against the local PostgreSQL and Redis, exactly as the compose fi
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -18,21 +17,12 @@ import redis
 import yaml
 
 from tests.conftest import REPO_ROOT, require
-from tests.e2e.services import (
-    ServiceProcess,
-    dedicated_redis,
-    free_port,
-    fresh_postgres_database,
-    magtune_command,
-    postgres_available,
-    redis_available,
-    service_environment,
-)
+from tests.e2e.services import ServiceProcess, free_port, magtune_command, service_environment
+from tests.services import CLOSED_PORT_BROKER, COMPOSE_REDIS_DB, dedicated_redis, redis_available
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 MAGTUNE_SERVICES = ("migrate", "api", "worker")
-OPS_REDIS_DB = int(os.environ.get("MAGTUNE_TEST_OPS_REDIS_DB", "12"))
 TABLES = {
     "faces",
     "feedback",
@@ -204,16 +194,9 @@ def test_env_example_names_only_variables_the_compose_file_reads() -> None:
 
 
 @pytest.fixture
-def postgres_database() -> Iterator[str]:
-    require(postgres_available(), "PostgreSQL not reachable (MAGTUNE_TEST_POSTGRES)")
-    with fresh_postgres_database() as url:
-        yield url
-
-
-@pytest.fixture
 def redis_broker() -> Iterator[str]:
     require(redis_available(), "Redis not reachable (MAGTUNE_TEST_REDIS)")
-    with dedicated_redis(OPS_REDIS_DB) as url:
+    with dedicated_redis(COMPOSE_REDIS_DB) as url:
         yield url
 
 
@@ -260,7 +243,7 @@ def _migrated_settings(
 def test_migrate_command_builds_the_schema_once(
     compose: dict[str, Any], postgres_database: str, tmp_path: Path
 ) -> None:
-    settings = _local_settings(compose, postgres_database, "redis://127.0.0.1:1/0", tmp_path / "data")
+    settings = _local_settings(compose, postgres_database, CLOSED_PORT_BROKER, tmp_path / "data")
     assert _tables(postgres_database) == set()
     first = _run(compose["services"]["migrate"], settings, tmp_path)
     assert first.returncode == 0, first.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -17,21 +16,11 @@ from sqlalchemy import select
 from app.db import get_engine, session_scope
 from app.tables import Job
 from tests.conftest import require
-from tests.e2e.services import (
-    ServiceProcess,
-    dedicated_redis,
-    free_port,
-    fresh_postgres_database,
-    magtune_command,
-    postgres_available,
-    redis_available,
-    service_environment,
-)
+from tests.e2e.services import ServiceProcess, free_port, magtune_command, service_environment
+from tests.services import SWEEP_REDIS_DB, dedicated_redis, redis_available
 from worker.cli import build_parser
 from worker.cli.feedback_import import read_seed_pairs
 from worker.cli.output import CommandError
-
-SWEEP_REDIS_DB = int(os.environ.get("MAGTUNE_TEST_SWEEP_REDIS_DB", "10"))
 
 
 def _magtune(
@@ -114,13 +103,11 @@ def test_import_says_when_the_api_is_unreachable(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def migrated_database(tmp_path: Path) -> Iterator[str]:
-    require(postgres_available(), "PostgreSQL not reachable (MAGTUNE_TEST_POSTGRES)")
-    with fresh_postgres_database() as url:
-        done = _magtune("migrate", settings={"MAGTUNE_DATABASE_URL": url}, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr
-        yield url
-        get_engine(url).dispose()
+def migrated_database(postgres_database: str, tmp_path: Path) -> Iterator[str]:
+    done = _magtune("migrate", settings={"MAGTUNE_DATABASE_URL": postgres_database}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    yield postgres_database
+    get_engine(postgres_database).dispose()
 
 
 def test_sweep_hands_back_a_job_whose_worker_went_silent(migrated_database: str, tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from app.config import Settings
 from app.db import session_scope
 from app.splits import split_for_digest
 from app.tables import Activation, Evaluation, Face, FaceEmbedding, FeedbackPair, Job, ModelVersion
-from tests.worker.conftest import add_face, add_job, add_model, add_pair, johns_images, johns_labels
+from tests.worker.factories import add_face, add_job, add_model, add_pair
+from tests.worker.johns import johns_images, johns_labels
 from worker.jobs import gate
 from worker.jobs.data import load_feedback
 from worker.ml.preprocessing import preprocess_spec_for

@@ -15,7 +15,7 @@ from app.config import Settings
 from app.db import session_scope
 from app.tables import Job
 from tests.conftest import REPO_ROOT
-from tests.worker.conftest import add_job
+from tests.worker.factories import add_job
 from worker.runtime import (
     ClaimedJob,
     JobCancelled,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tests.worker.ml.conftest import IRESNET_BLOCKS, KEY_FILE_ARCHS, KeyList, derive_iresnet_keys
+from tests.worker.ml.magface import IRESNET_BLOCKS, KEY_FILE_ARCHS, KeyList, derive_iresnet_keys
 from worker.ml.backbones import ARCHITECTURES, build_backbone, embedding_size
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.worker.ml.conftest import HEAD_CLASSES, magface_layout
+from tests.worker.ml.magface import HEAD_CLASSES, magface_layout
 from worker.ml.backbones import ARCHITECTURES, build_backbone
 from worker.ml.checkpoints import (
     CheckpointError,

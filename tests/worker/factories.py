@@ -1,0 +1,70 @@
+"""Rows for the worker's job tests, added in the caller's session as the api would have written them."""
+
+import io
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from sqlalchemy.orm import Session
+
+from app.blobs import BlobStore
+from app.config import Settings
+from app.splits import split_for_digest
+from app.tables import Face, FeedbackPair, Job, ModelVersion
+
+
+def add_face(
+    session: Session, store: BlobStore, data: bytes, config: Settings, subject: str | None = None
+) -> Face:
+    """A face row with its image in the blob store, split by its content hash as the api does it."""
+    blob = store.write_stream("faces", [data])
+    with Image.open(io.BytesIO(data)) as image:
+        width, height, channels = image.width, image.height, len(image.getbands())
+    face = Face(
+        sha256=blob.sha256,
+        byte_size=blob.size,
+        media_type="image/png",
+        width=width,
+        height=height,
+        channels=channels,
+        split=split_for_digest(blob.sha256, config.split_fractions),
+        subject=subject,
+    )
+    session.add(face)
+    session.flush()
+    return face
+
+
+def add_pair(session: Session, a: Face, b: Face, label: int, split: str | None = None) -> FeedbackPair:
+    first, second = (a, b) if a.id < b.id else (b, a)
+    if split is None:
+        split = first.split if first.split == second.split else "cross"
+    pair = FeedbackPair(face_a=first.id, face_b=second.id, label=label, split=split)
+    session.add(pair)
+    return pair
+
+
+def add_model(
+    session: Session,
+    store: BlobStore,
+    checkpoint: Path,
+    arch: str,
+    *,
+    status: str = "validating",
+    threshold: float | None = None,
+    name: str | None = None,
+) -> ModelVersion:
+    blob = store.write_stream("checkpoints", [checkpoint.read_bytes()])
+    model = ModelVersion(
+        name=name, arch=arch, status=status, sha256=blob.sha256, byte_size=blob.size, threshold=threshold
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def add_job(session: Session, kind: str, params: dict[str, Any], **fields: Any) -> Job:
+    job = Job(kind=kind, params=params, **{"status": "queued", "attempts": 0, "max_attempts": 3, **fields})
+    session.add(job)
+    session.flush()
+    return job

@@ -1,0 +1,61 @@
+"""`magtune reindex` against a running api and worker: it starts a reindex job and follows it to the end."""
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.flow import activate, ok, register_model, wait_for_success
+from tests.e2e.services import RunningApi, ServiceProcess, magtune_command
+
+pytestmark = pytest.mark.slow
+
+
+def _reindex(api_url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        magtune_command("reindex", "--api", api_url, "--poll-interval", "0.2", *extra),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_reindex_command_embeds_every_face_with_the_active_model(
+    api: RunningApi,
+    http: httpx.Client,
+    start_worker: Callable[[], ServiceProcess],
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+) -> None:
+    start_worker()
+    images = sorted((johns_dir / "aligned_112" / "John_Simm").glob("*.png"))[:4]
+    face_ids = {
+        ok(http.post("/v1/faces", files={"file": ("face.png", image.read_bytes(), "image/png")}), 201)["id"]
+        for image in images
+    }
+    model = register_model(http, mobilefacenet_checkpoint, "mobilefacenet")
+    wait_for_success(http, activate(http, model["id"], "base")["reindex_job_id"])
+
+    done = _reindex(api.url, "--wait", "--json")
+
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["kind"] == "reindex" and job["status"] == "succeeded"
+    assert job["params"]["model"] == model["id"]
+    assert job["result"]["embedded"] == len(face_ids) and job["result"]["skipped"] == 0
+
+    followed = _reindex(api.url, "--wait")
+    assert followed.returncode == 0, followed.stderr
+    assert "succeeded" in followed.stderr.splitlines()[-1], "--wait reports the job's progress on stderr"
+    assert "(reindex): succeeded" in followed.stdout
+
+
+def test_reindex_command_reports_a_refusal_with_the_api_problem(api: RunningApi) -> None:
+    done = _reindex(api.url, "--json")  # no model is active yet
+
+    assert done.returncode == 2
+    assert "409" in done.stderr and "active" in done.stderr.lower()
+    assert done.stdout == ""

@@ -13,8 +13,8 @@ from torch import Tensor
 def contrastive_loss(emb_a: Tensor, emb_b: Tensor, labels: Tensor, margin: float) -> Tensor:
     """Mean over pairs of y·D² + (1−y)·max(0, margin − D)², y = 1 for the same person.
 
-    Computed in float32 whatever the inputs' dtype (bf16 autocast leaves them in bf16). D's square root is guarded so
-    that a negative pair of identical embeddings gets a finite gradient.
+    Computed in float32 whatever the inputs' dtype (bf16 autocast leaves them in bf16). D's square root is
+    guarded so that a negative pair of identical embeddings gets a finite gradient.
     """
     if emb_a.shape != emb_b.shape or emb_a.ndim != 2:
         raise ValueError(

@@ -48,7 +48,7 @@ def distinct_image_loss(
 
 
 def stem_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the network's stem, which sees raw pixels and is the first thing a fine-tune should spare."""
+    """Parameters of the network's stem: it sees raw pixels and is the first thing a fine-tune may spare."""
     found = [
         parameter
         for name, child in model.named_children()

@@ -8,6 +8,7 @@ from torch import nn
 
 from worker.ml.backbones import build_backbone
 from worker.ml.batching import image_grouped_batches, random_batches
+from worker.ml.embedding import embed_pixels
 from worker.ml.evaluation import score_pairs
 from worker.ml.loss import contrastive_loss
 from worker.ml.metrics import calibrate_threshold
@@ -237,6 +238,45 @@ def test_frozen_stem_does_not_move_and_is_given_back_trainable(train_pairs: Inde
             assert torch.equal(parameter, stem[name]), name
         assert parameter.requires_grad
     assert not torch.equal(model.fc.weight, tiny_model().fc.weight)
+
+
+def test_distillation_keeps_training_faces_near_the_parent(train_pairs: IndexedPairs) -> None:
+    parent = embed_pixels(tiny_model(), TINY_SPEC, train_pairs.pixels).embeddings
+    drift = {}
+    for weight in (0.0, 5.0):
+        model = tiny_model()
+        run(train_pairs, None, model, epochs=4, distill_weight=weight)
+        tuned = embed_pixels(model, TINY_SPEC, train_pairs.pixels).embeddings
+        drift[weight] = (tuned - parent).pow(2).sum(dim=1).mean().item()
+    assert 0 < drift[5.0] < drift[0.0] / 2
+
+
+def test_anchors_at_the_current_embeddings_add_nothing(train_pairs: IndexedPairs) -> None:
+    model = tiny_model()
+    pixels, first, second, labels = (
+        train_pairs.pixels,
+        train_pairs.first[:8],
+        train_pairs.second[:8],
+        train_pairs.labels[:8],
+    )
+    anchors = embed_pixels(model, TINY_SPEC, pixels).embeddings
+    plain = distinct_image_loss(model, TINY_SPEC, pixels, first, second, labels, 1.4)
+    anchored = distinct_image_loss(
+        model, TINY_SPEC, pixels, first, second, labels, 1.4, anchors=anchors, anchor_weight=3.0
+    )
+    moved = distinct_image_loss(
+        model,
+        TINY_SPEC,
+        pixels,
+        first,
+        second,
+        labels,
+        1.4,
+        anchors=anchors.roll(1, dims=0),
+        anchor_weight=3.0,
+    )
+    torch.testing.assert_close(anchored, plain, rtol=1e-5, atol=1e-6)
+    assert moved.item() > plain.item() + 0.01
 
 
 def test_grouped_batches_visit_every_pair_once_with_fewer_images() -> None:

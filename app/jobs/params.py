@@ -14,6 +14,8 @@ DEFAULT_MARGIN = 1.4
 DEFAULT_EPOCHS = 10
 DEFAULT_LEARNING_RATE = 1e-4
 DEFAULT_BATCH_SIZE = 16
+# Pull of each training face towards its parent's embedding, against forgetting (README; 0 turns it off).
+DEFAULT_DISTILL_WEIGHT = 1.0
 
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]
@@ -52,6 +54,12 @@ class FinetuneParams(JobParams):
     patience: Annotated[StrictInt, Field(ge=1)] | None = Field(
         None, description="stop after this many epochs without improvement on val (default: the trainer's)"
     )
+    distill_weight: Annotated[StrictFloat, Field(ge=0, le=100)] = Field(
+        DEFAULT_DISTILL_WEIGHT,
+        description="pull towards the parent's embeddings against forgetting; 0 with margin 1.0 is the "
+        "original objective",
+    )
+    freeze_stem: StrictBool = Field(False, description="keep the layers before the first stage fixed")
 
     def model_refs(self) -> dict[str, uuid.UUID | None]:
         return {"base_model": self.base_model}

@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from app.config import Settings
 from app.db import session_scope
-from app.jobs.params import DEFAULT_MARGIN
+from app.jobs.params import DEFAULT_DISTILL_WEIGHT, DEFAULT_MARGIN
 from app.jobs.service import create_job
 from app.jobs.sweeper import start_background_sweeper, sweep_once
 from app.tables import Job
@@ -48,6 +48,8 @@ class TestCreateJob:
             "seed": 0,
             "auto_promote": True,
             "patience": None,
+            "distill_weight": DEFAULT_DISTILL_WEIGHT,
+            "freeze_stem": False,
         }
         assert body["attempts"] == 0
         assert body["max_attempts"] == 3

@@ -110,6 +110,17 @@ def _johns(
 # --- validate_model ---------------------------------------------------------------------------------------
 
 
+def test_the_api_job_defaults_are_the_trainers_defaults() -> None:
+    """The api cannot import the trainer, so it repeats its defaults; they must agree."""
+    from app.jobs.params import FinetuneParams
+    from worker.jobs.finetune import train_config
+    from worker.ml.training import TrainConfig
+
+    assert train_config(FinetuneParams().model_dump(mode="json")) == TrainConfig()
+    custom = {"margin": 1.0, "distill_weight": 0.0, "freeze_stem": True, "epochs": 3}
+    assert train_config(FinetuneParams(**custom).model_dump(mode="json")) == TrainConfig(**custom)
+
+
 def test_validate_model_makes_the_real_checkpoint_ready(
     settings: Settings, store: BlobStore, mobilefacenet_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

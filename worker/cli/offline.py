@@ -35,6 +35,7 @@ TRAINING_OPTIONS = {
     "seed": (int, 0),
     "patience": (int, 3),
     "weight_decay": (float, 0.0),
+    "distill_weight": (float, 1.0),
 }
 
 

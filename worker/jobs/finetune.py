@@ -55,7 +55,16 @@ class PairSets:
 
 def train_config(params: dict[str, Any]) -> TrainConfig:
     """The job's params over the training library's defaults (the api has already validated them)."""
-    keys = ("epochs", "learning_rate", "batch_size", "margin", "seed", "patience")
+    keys = (
+        "epochs",
+        "learning_rate",
+        "batch_size",
+        "margin",
+        "seed",
+        "patience",
+        "distill_weight",
+        "freeze_stem",
+    )
     return TrainConfig(**{key: params[key] for key in keys if params.get(key) is not None})
 
 

@@ -97,7 +97,8 @@ class CheckpointScan:
     globals: set[str] = field(default_factory=set)
 
 
-def _qualified(module: str, name: str) -> str:
+def qualified_global(module: str, name: str) -> str:
+    """`module.name` as torch's allowlist spells it (Python 2 module names mapped onto Python 3 ones)."""
     return f"{_MODULE_ALIASES.get(module, module)}.{name}"
 
 
@@ -113,14 +114,14 @@ def _globals_in_pickle(stream: _Readable) -> Iterator[str]:
         name = opcode.name
         if name in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
-            yield _qualified(module, attr)
+            yield qualified_global(module, attr)
             pushed.append(None)
         elif name == "STACK_GLOBAL":
             operands = pushed[-2:]
             if len(operands) < 2 or not all(isinstance(value, str) for value in operands):
                 yield "<unresolvable STACK_GLOBAL>"
             else:
-                yield _qualified(str(operands[0]), str(operands[1]))
+                yield qualified_global(str(operands[0]), str(operands[1]))
             pushed.append(None)
         elif name in _CODE_OPS:
             yield f"<{name} opcode>"
@@ -181,7 +182,7 @@ def _scan_zip(path: Path) -> CheckpointScan:
         return scan
 
 
-class _BoundedReader:
+class BoundedReader:
     """A read-only view that refuses to hand out more than `limit` bytes, whatever lengths a pickle claims."""
 
     def __init__(self, stream: IO[bytes], limit: int) -> None:
@@ -222,7 +223,7 @@ def _scan_legacy(path: Path) -> CheckpointScan:
                 "neither a PyTorch zip checkpoint nor a legacy PyTorch pickle (torch.save output expected)",
             )
         stream.seek(header.tell())
-        bounded = _BoundedReader(stream, MAX_PICKLE_BYTES)
+        bounded = BoundedReader(stream, MAX_PICKLE_BYTES)
         scan = CheckpointScan(format="legacy")
         for index in range(2, LEGACY_PICKLES):
             _check_pickle(bounded, f"pickle #{index + 1}", scan.globals)

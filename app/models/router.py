@@ -76,7 +76,10 @@ def _arch(value: str | None) -> str:
     responses={
         200: {"model": ModelRegistered, "description": "These bytes under this arch were registered before"},
         413: problem_doc("The file is over `max_checkpoint_bytes` (upload-too-large)"),
-        422: problem_doc("Empty, not a checkpoint, or a checkpoint whose pickle references code"),
+        422: problem_doc(
+            "Empty, not a checkpoint, a checkpoint whose pickle references code, or one whose tensors do "
+            "not fit `arch` (wrong-architecture, with `suggested_arch`: the architecture they fit, or null)"
+        ),
     },
 )
 async def register_model(

@@ -13,6 +13,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
+from app.checkpoint_keys import KeysUnreadable, checkpoint_shapes, compare, fitting_arch
 from app.checkpoint_scan import CheckpointRejected, scan_checkpoint
 from app.config import Settings
 from app.jobs import service as jobs_service
@@ -141,6 +142,30 @@ def _sha_in_use(session: Session, sha256: str) -> bool:
     return bool(session.scalar(select(func.count()).where(ModelVersion.sha256 == sha256)))
 
 
+def _check_architecture(path: Path, arch: str) -> None:
+    """Refuse a checkpoint whose tensors do not fit `arch`, naming the one they fit.
+
+    A layout the torch-free reader does not know is let through: the worker's strict load decides then.
+    """
+    try:
+        shapes = checkpoint_shapes(path)
+    except KeysUnreadable as exc:
+        log.info("architecture of the uploaded checkpoint left to the worker: %s", exc)
+        return
+    fit = compare(shapes, arch)
+    if fit.exact:
+        return
+    suggested = fitting_arch(shapes)
+    hint = f"it fits {suggested}" if suggested else "it fits no known architecture"
+    raise Problem(
+        422,
+        "wrong-architecture",
+        "Wrong architecture",
+        f"the checkpoint does not fit {arch} ({fit.describe()}); {hint}",
+        suggested_arch=suggested,
+    )
+
+
 def register_model(
     *,
     session: Session,
@@ -152,8 +177,9 @@ def register_model(
 ) -> Registration:
     """Keep an uploaded checkpoint as a `validating` model and queue its strict load by the worker.
 
-    The file is scanned before its blob is committed, so a refused upload leaves nothing behind. The same
-    bytes under the same architecture return the model registered before. Commits the session.
+    The file is scanned, and its tensors checked against `arch`, before its blob is committed, so a refused
+    upload leaves nothing behind. The same bytes under the same architecture return the model registered
+    before. Commits the session.
     """
     if blob.size == 0:
         raise Problem(422, "empty-checkpoint", "Empty checkpoint", "the uploaded file has no bytes")
@@ -174,6 +200,11 @@ def register_model(
             "checkpoint-contains-code": "Checkpoint contains code",
         }
         raise Problem(422, exc.kind, titles[exc.kind], exc.detail, **extra) from exc
+    try:
+        _check_architecture(blob.path, arch)
+    except Problem:
+        session.rollback()
+        raise
 
     blob_was_there = store.exists(NAMESPACE, sha)
     blob.commit()

@@ -18,6 +18,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app.checkpoint_keys import architecture_table
 from app.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan_checkpoint
 from app.config import Settings
 from app.db import session_scope
@@ -45,15 +46,31 @@ def saved(obj: object, *, legacy: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def state_dict_checkpoint(seed: int = 0) -> bytes:
+def backbone_weights(
+    arch: str, seed: int = 0, prefix: str = ""
+) -> collections.OrderedDict[str, torch.Tensor]:
+    """Random tensors of `arch`'s shapes, each one random value expanded so the file stays a few kilobytes."""
     generator = torch.Generator().manual_seed(seed)
-    weights = collections.OrderedDict(
-        [
-            ("conv.weight", torch.randn(4, 3, 3, 3, generator=generator)),
-            ("bn.num_batches_tracked", torch.tensor(3)),
-        ]
+    return collections.OrderedDict(
+        (
+            prefix + key,
+            torch.tensor(seed)
+            if key.endswith("num_batches_tracked")
+            else torch.randn(1, generator=generator).expand(shape),
+        )
+        for key, shape in architecture_table()[arch].items()
     )
-    return saved({"epoch": 25, "arch": "iresnet18", "state_dict": weights})
+
+
+def magface_checkpoint(arch: str = "iresnet18", seed: int = 0, *, legacy: bool = False) -> bytes:
+    """MagFace's trainer layout: `features.module.` keys beside a `parallel_fc.weight` head."""
+    weights = backbone_weights(arch, seed, prefix="features.module.")
+    weights["parallel_fc.weight"] = torch.randn(512, 10, generator=torch.Generator().manual_seed(seed))
+    return saved({"epoch": 25, "arch": arch, "state_dict": weights}, legacy=legacy)
+
+
+def state_dict_checkpoint(seed: int = 0) -> bytes:
+    return magface_checkpoint("iresnet18", seed)
 
 
 def upload(
@@ -94,14 +111,15 @@ class TestRegister:
         assert client.get(f"/v1/models/{body['id']}/checkpoint").content == content
 
     def test_a_legacy_format_checkpoint_is_accepted(self, client: TestClient) -> None:
-        content = saved({"state_dict": collections.OrderedDict(w=torch.zeros(2))}, legacy=True)
+        content = magface_checkpoint("mobilefacenet", legacy=True)
 
         assert upload(client, content, arch="mobilefacenet").status_code == 202
 
     def test_the_same_bytes_and_arch_return_the_registered_model(
         self, client: TestClient, broker: QueueProbe
     ) -> None:
-        content = state_dict_checkpoint()
+        # A layout the torch-free reader does not know (a non-tensor entry) is left to the worker.
+        content = saved({"state_dict": {"conv.weight": torch.zeros(4, 3, 3, 3), "note": "not a tensor"}})
         first = upload(client, content).json()
 
         again = upload(client, content)
@@ -169,6 +187,82 @@ class TestRegister:
 
         assert response.status_code == 422
         assert response.json()["errors"][0]["loc"] == ["body", "arch"]
+
+
+class TestArchitectureCheck:
+    def assert_refused_and_not_kept(
+        self, response: httpx.Response, client: TestClient, settings: Settings, broker: QueueProbe
+    ) -> dict:
+        assert response.status_code == 422
+        assert response.headers["content-type"] == PROBLEM
+        problem = response.json()
+        assert problem["type"].endswith("/wrong-architecture")
+        assert stored_files(settings) == []
+        assert client.get("/v1/models").json()["items"] == []
+        assert broker.sent_job_ids() == []
+        return problem
+
+    def test_mobilefacenet_uploaded_as_iresnet18_is_refused_naming_mobilefacenet(
+        self, client: TestClient, settings: Settings, broker: QueueProbe, mobilefacenet_checkpoint: Path
+    ) -> None:
+        response = upload(client, mobilefacenet_checkpoint.read_bytes(), arch="iresnet18")
+
+        problem = self.assert_refused_and_not_kept(response, client, settings, broker)
+        assert problem["suggested_arch"] == "mobilefacenet"
+        assert problem["detail"].startswith(
+            "the checkpoint does not fit iresnet18 (187 tensors expected, 307 found"
+        )
+        assert problem["detail"].endswith("; it fits mobilefacenet")
+
+    def test_mobilefacenet_uploaded_as_mobilefacenet_is_accepted(
+        self, client: TestClient, broker: QueueProbe, mobilefacenet_checkpoint: Path
+    ) -> None:
+        response = upload(client, mobilefacenet_checkpoint.read_bytes(), arch="mobilefacenet")
+
+        assert response.status_code == 202
+        assert response.json()["status"] == "validating"
+        assert len(broker.sent_job_ids()) == 1
+
+    def test_a_magface_iresnet18_fits_iresnet18_only(
+        self, client: TestClient, settings: Settings, broker: QueueProbe
+    ) -> None:
+        content = magface_checkpoint("iresnet18")
+
+        wrong = upload(client, content, arch="iresnet50")
+        problem = self.assert_refused_and_not_kept(wrong, client, settings, broker)
+        right = upload(client, content, arch="iresnet18")
+
+        assert problem["suggested_arch"] == "iresnet18"
+        assert problem["detail"].endswith("; it fits iresnet18")
+        assert right.status_code == 202
+        assert right.json()["arch"] == "iresnet18"
+
+    def test_a_single_reshaped_tensor_is_refused_naming_no_architecture(
+        self, client: TestClient, settings: Settings, broker: QueueProbe
+    ) -> None:
+        weights = backbone_weights("iresnet18", prefix="features.module.")
+        weights["features.module.fc.weight"] = torch.zeros(256, 25088)
+
+        response = upload(client, saved({"state_dict": weights}), arch="iresnet18")
+
+        problem = self.assert_refused_and_not_kept(response, client, settings, broker)
+        assert problem["suggested_arch"] is None
+        assert "1 with another shape such as fc.weight" in problem["detail"]
+        assert problem["detail"].endswith("it fits no known architecture")
+
+    def test_code_is_refused_by_the_scan_before_any_key_is_read(
+        self, client: TestClient, settings: Settings, tmp_path: Path
+    ) -> None:
+        marker = tmp_path / "pwned"
+        weights = backbone_weights("mobilefacenet")
+        content = saved({"state_dict": weights, "extra": RunsAShellCommand(marker)})
+
+        response = upload(client, content, arch="iresnet18")
+
+        assert response.status_code == 422
+        assert response.json()["type"].endswith("/checkpoint-contains-code")
+        assert not marker.exists()
+        assert stored_files(settings) == []
 
 
 class TestRead:

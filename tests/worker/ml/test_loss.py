@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from worker.ml.loss import contrastive_loss
+from worker.ml.loss import contrastive_loss, contrastive_loss_from_cosine
 
 
 def _unit(*values: float) -> torch.Tensor:
@@ -68,3 +68,16 @@ def test_mismatched_shapes_are_refused() -> None:
         contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), torch.ones(2), margin=1.0)
     with pytest.raises(ValueError, match="embedding"):
         contrastive_loss(torch.randn(3, 4), torch.randn(2, 4), torch.ones(3), margin=1.0)
+
+
+def test_loss_from_pair_cosines_matches_the_loss_from_embeddings() -> None:
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(32, 8, generator=generator)
+    b = a + torch.randn(32, 8, generator=generator) * torch.linspace(0.05, 3, 32)[:, None]
+    labels = (torch.arange(32) % 3 == 0).float()
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    for margin in (1.0, 1.4):
+        expected = contrastive_loss(a, b, labels, margin).item()
+        assert contrastive_loss_from_cosine(cosine, labels, margin).item() == pytest.approx(
+            expected, rel=1e-5
+        )

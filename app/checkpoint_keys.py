@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.checkpoint_scan import (
     ALLOWED_GLOBALS,
@@ -29,8 +29,11 @@ from app.checkpoint_scan import (
 )
 
 Shape = tuple[int, ...]
+V = TypeVar("V")
 # The same rules as worker/ml/checkpoints.py, which holds the torch-side reading.
+# MagFace's distributed trainer writes the first, its single-node (DataParallel) trainer the second.
 MAGFACE_KEY_PREFIXES = ("features.module.", "module.features.")
+# Classifier heads MagFace stores next to the backbone (outside its prefix); fine-tuning never needs them.
 HEAD_KEYS = frozenset({"parallel_fc.weight", "module.fc.weight", "fc.weight"})
 
 
@@ -183,6 +186,10 @@ class Fit:
     def exact(self) -> bool:
         return not (self.missing or self.unexpected or self.reshaped)
 
+    @property
+    def differences(self) -> int:
+        return len(self.missing) + len(self.unexpected) + len(self.reshaped)
+
     def describe(self) -> str:
         parts = [f"{self.expected} tensors expected, {self.found} found"]
         for what, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
@@ -193,8 +200,9 @@ class Fit:
         return f"{parts[0]}; {', '.join(parts[1:])}" if len(parts) > 1 else parts[0]
 
 
-def compare(shapes: Mapping[str, Shape], arch: str) -> Fit:
-    expected = architecture_table()[arch]
+def compare(shapes: Mapping[str, Shape], arch: str, expected: Mapping[str, Shape] | None = None) -> Fit:
+    """How `shapes` differ from `arch`'s keys (the shipped table, unless the caller has the real one)."""
+    expected = architecture_table()[arch] if expected is None else expected
     return Fit(
         arch=arch,
         expected=len(expected),
@@ -216,9 +224,10 @@ def _candidate_prefixes(keys: list[str]) -> list[str]:
     return [*prefixes, ""]
 
 
-def _strip(shapes: Mapping[str, Shape], prefix: str) -> dict[str, Shape] | None:
-    backbone: dict[str, Shape] = {}
-    for key, shape in shapes.items():
+def _strip(entries: Mapping[str, V], prefix: str) -> dict[str, V] | None:
+    """Bare backbone keys under `prefix`, head dropped; None when two keys would collide."""
+    backbone: dict[str, V] = {}
+    for key, value in entries.items():
         if prefix and key.startswith(prefix):
             bare = key[len(prefix) :]
         elif key in HEAD_KEYS and (prefix or key != "fc.weight"):
@@ -227,13 +236,20 @@ def _strip(shapes: Mapping[str, Shape], prefix: str) -> dict[str, Shape] | None:
             bare = key
         if bare in backbone:
             return None
-        backbone[bare] = shape
+        backbone[bare] = value
     return backbone
+
+
+def key_readings(entries: Mapping[str, V]) -> list[dict[str, V]]:
+    """Every way to read the keys as a bare backbone: with MagFace's wrapper prefix stripped (decided for
+    the whole dict, so the backbone's own `fc.weight` is kept while a head next to prefixed keys is dropped)
+    and as they are. Values (tensors or shapes) are carried along untouched."""
+    return [r for p in _candidate_prefixes(list(entries)) if (r := _strip(entries, p)) is not None]
 
 
 def backbone_shapes(shapes: Mapping[str, Shape]) -> dict[str, Shape]:
     """Bare backbone keys: the reading of the prefixes that fits a known architecture, else the first."""
-    readings = [r for p in _candidate_prefixes(list(shapes)) if (r := _strip(shapes, p)) is not None]
+    readings = key_readings(shapes)
     if not readings:
         raise KeysUnreadable("the same tensor name appears with and without its key prefix")
     return next((r for r in readings if fitting_arch(r)), readings[0])

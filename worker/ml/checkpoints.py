@@ -24,16 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from app.checkpoint_keys import Fit, Shape, compare, key_readings
 from worker.ml.backbones import ARCHITECTURES, build_backbone, embedding_size, is_iresnet
 
 METADATA_KEY = "magtune"
 IRESNET_KEY_PREFIX = "features.module."
-# MagFace's distributed trainer writes the first, its single-node (DataParallel) trainer the second.
-MAGFACE_KEY_PREFIXES = ("features.module.", "module.features.")
-# Classifier heads MagFace stores next to the backbone (outside its prefix); fine-tuning never needs them.
-HEAD_KEYS = frozenset({"parallel_fc.weight", "module.fc.weight", "fc.weight"})
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
-Shape = tuple[int, ...]
 
 
 class CheckpointError(ValueError):
@@ -63,35 +59,6 @@ class LoadedBackbone:
     epoch: int | None = None
 
 
-@dataclass(frozen=True)
-class _Fit:
-    arch: str
-    expected: int
-    found: int
-    missing: list[str]
-    unexpected: list[str]
-    reshaped: list[str]
-
-    @property
-    def exact(self) -> bool:
-        return not (self.missing or self.unexpected or self.reshaped)
-
-    @property
-    def differences(self) -> int:
-        return len(self.missing) + len(self.unexpected) + len(self.reshaped)
-
-    def describe(self) -> str:
-        parts = [f"{self.expected} tensors expected, {self.found} found"]
-        for count, what, example in (
-            (len(self.missing), "missing", self.missing),
-            (len(self.unexpected), "unexpected", self.unexpected),
-            (len(self.reshaped), "with another shape", self.reshaped),
-        ):
-            if count:
-                parts.append(f"{count} {what} such as {example[0]}")
-        return f"{parts[0]}; {', '.join(parts[1:])}" if len(parts) > 1 else parts[0]
-
-
 def file_sha256(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
@@ -108,29 +75,6 @@ def expected_tensors(arch: str) -> dict[str, tuple[Shape, torch.dtype]]:
     return {key: (tuple(value.shape), value.dtype) for key, value in model.state_dict().items()}
 
 
-def _candidate_prefixes(keys: list[str]) -> list[str]:
-    prefixes = [p for p in MAGFACE_KEY_PREFIXES if 2 * sum(k.startswith(p) for k in keys) > len(keys)]
-    if keys and all(k.startswith("module.") for k in keys):
-        prefixes.append("module.")
-    return [*prefixes, ""]
-
-
-def _strip(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor] | None:
-    """Bare backbone keys under ``prefix``, head dropped; None when two keys would collide."""
-    backbone: dict[str, Tensor] = {}
-    for key, tensor in state_dict.items():
-        if prefix and key.startswith(prefix):
-            bare = key[len(prefix) :]
-        elif key in HEAD_KEYS and (prefix or key != "fc.weight"):
-            continue
-        else:
-            bare = key
-        if bare in backbone:
-            return None
-        backbone[bare] = tensor
-    return backbone
-
-
 def backbone_state_dict(state_dict: Mapping[str, Tensor], *, name: str = "state_dict") -> dict[str, Tensor]:
     """Strip the wrapper prefix MagFace's trainers add and drop the classifier head.
 
@@ -139,22 +83,19 @@ def backbone_state_dict(state_dict: Mapping[str, Tensor], *, name: str = "state_
     backbone keys is the head. Where several readings are possible (a DataParallel-wrapped MobileFaceNet
     also has a majority of ``module.features.`` keys), the one that fits a known architecture wins.
     """
-    readings = [r for p in _candidate_prefixes(list(state_dict)) if (r := _strip(state_dict, p)) is not None]
+    readings = key_readings(state_dict)
     if not readings:
         raise CheckpointError(f"checkpoint {name} holds the same tensor name with and without its key prefix")
     return next((r for r in readings if _fitting_arch(r)), readings[0])
 
 
-def _compare(state_dict: Mapping[str, Tensor], arch: str) -> _Fit:
-    expected = expected_tensors(arch)
-    return _Fit(
-        arch=arch,
-        expected=len(expected),
-        found=len(state_dict),
-        missing=[k for k in expected if k not in state_dict],
-        unexpected=[k for k in state_dict if k not in expected],
-        reshaped=[k for k, t in state_dict.items() if k in expected and tuple(t.shape) != expected[k][0]],
-    )
+def _shapes(state_dict: Mapping[str, Tensor]) -> dict[str, Shape]:
+    return {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
+
+
+def _compare(state_dict: Mapping[str, Tensor], arch: str) -> Fit:
+    expected = {key: shape for key, (shape, _dtype) in expected_tensors(arch).items()}
+    return compare(_shapes(state_dict), arch, expected)
 
 
 def _fitting_arch(bare: Mapping[str, Tensor]) -> str | None:
@@ -247,7 +188,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], di
     return contents.state_dict, contents.metadata
 
 
-def _fit_error(name: str, fit: _Fit, state_dict: Mapping[str, Tensor]) -> CheckpointError:
+def _fit_error(name: str, fit: Fit, state_dict: Mapping[str, Tensor]) -> CheckpointError:
     fitting = _fitting_arch(state_dict)
     hint = f"it fits {fitting}" if fitting else f"it fits none of {', '.join(ARCHITECTURES)}"
     return CheckpointError(

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rounds import alternate
 
 from worker.ml.backbones import build_backbone
 from worker.ml.embedding import embed_pixels
@@ -61,31 +60,11 @@ def bench_arch(arch: str, pixels: torch.Tensor, seconds: float) -> dict[str, Any
                 model(chunk)
 
     ours(), plain()  # warm-up
-    totals = {name: {"images": 0, "seconds": 0.0, "cpu_seconds": 0.0} for name in ("ours", "plain")}
-    round_ratios = []
-    for _ in range(ROUNDS):
-        rates = {}
-        for name, one_pass in (("ours", ours), ("plain", plain)):
-            result = timed_passes(one_pass, seconds / ROUNDS, pixels.shape[0])
-            for key in totals[name]:
-                totals[name][key] += result[key]
-            rates[name] = result["images"] / result["seconds"]
-            print(f"{arch} {name}: {result}", file=sys.stderr)
-        round_ratios.append(rates["ours"] / rates["plain"])
-    for side in totals.values():
-        side["images_per_s"] = round(side["images"] / side["seconds"], 2)
-        side["images_per_cpu_s"] = round(side["images"] / side["cpu_seconds"], 2)
-        side["seconds"], side["cpu_seconds"] = round(side["seconds"], 2), round(side["cpu_seconds"], 2)
-    ratio = totals["ours"]["images_per_s"] / totals["plain"]["images_per_s"]
-    cpu_ratio = totals["ours"]["images_per_cpu_s"] / totals["plain"]["images_per_cpu_s"]
-    return {
-        "arch": arch,
-        **totals,
-        "ratio": round(ratio, 3),
-        "median_round_ratio": round(statistics.median(round_ratios), 3),
-        "cpu_time_ratio": round(cpu_ratio, 3),
-        "meets_target": ratio >= TARGET_RATIO,
+    sides = {
+        "ours": lambda: timed_passes(ours, seconds / ROUNDS, pixels.shape[0]),
+        "plain": lambda: timed_passes(plain, seconds / ROUNDS, pixels.shape[0]),
     }
+    return {"arch": arch, **alternate(arch, sides, unit="images", rounds=ROUNDS, target=TARGET_RATIO)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,13 +19,12 @@ import contextlib
 import copy
 import json
 import os
-import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rounds import alternate
 
 from worker.ml.backbones import build_backbone
 from worker.ml.loss import contrastive_loss
@@ -115,33 +114,11 @@ def bench_arch(arch: str, pairs: IndexedPairs, seconds: float, min_steps: int) -
     spec = preprocess_spec_for(arch)
     ours(copy.deepcopy(base), spec, pairs, 0, 1)  # warm-up: allocator and kernel choices
     plain(copy.deepcopy(base), spec, pairs, 0, 1)
-    totals = {
-        name: {"pairs": 0, "steps": 0, "seconds": 0.0, "cpu_seconds": 0.0} for name in ("ours", "plain")
+    sides = {
+        name: lambda run=run: run(copy.deepcopy(base), spec, pairs, seconds / ROUNDS, min_steps)
+        for name, run in (("ours", ours), ("plain", plain))
     }
-    round_ratios = []
-    for _ in range(ROUNDS):
-        rates = {}
-        for name, run in (("ours", ours), ("plain", plain)):
-            result = run(copy.deepcopy(base), spec, pairs, seconds / ROUNDS, min_steps)
-            for key in totals[name]:
-                totals[name][key] += result[key]
-            rates[name] = result["pairs"] / result["seconds"]
-            print(f"{arch} {name}: {result}", file=sys.stderr)
-        round_ratios.append(rates["ours"] / rates["plain"])
-    for side in totals.values():
-        side["pairs_per_s"] = round(side["pairs"] / side["seconds"], 2)
-        side["pairs_per_cpu_s"] = round(side["pairs"] / side["cpu_seconds"], 2)
-        side["seconds"], side["cpu_seconds"] = round(side["seconds"], 2), round(side["cpu_seconds"], 2)
-    ratio = totals["ours"]["pairs_per_s"] / totals["plain"]["pairs_per_s"]
-    cpu_ratio = totals["ours"]["pairs_per_cpu_s"] / totals["plain"]["pairs_per_cpu_s"]
-    return {
-        "arch": arch,
-        **totals,
-        "ratio": round(ratio, 2),
-        "median_round_ratio": round(statistics.median(round_ratios), 3),
-        "cpu_time_ratio": round(cpu_ratio, 2),
-        "meets_target": ratio >= TARGET_RATIO,
-    }
+    return {"arch": arch, **alternate(arch, sides, unit="pairs", rounds=ROUNDS, target=TARGET_RATIO)}
 
 
 def main(argv: list[str] | None = None) -> None:

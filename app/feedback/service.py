@@ -13,6 +13,7 @@ already existed, so a 10,000-pair batch is a handful of statements whatever its 
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -92,9 +93,23 @@ def pair_split(requested: str | None, split_a: str, split_b: str) -> str:
 
 def record_feedback(*, session: Session, item: FeedbackIn) -> tuple[FeedbackPair, bool]:
     """Record one pair (not committed): the stored pair and whether it is new; a refusal is raised."""
-    (outcome,) = ingest_feedback(session=session, items=[item])
+    now = utcnow()
+    (outcome,) = ingest_feedback(session=session, items=[item], now=now)
     if isinstance(outcome, Problem):
         raise outcome
+    if outcome.created:  # every value is known: no need to read the row back
+        face_a, face_b = canonical_pair(item.face_a, item.face_b)
+        new = FeedbackPair(
+            id=outcome.pair.id,
+            face_a=face_a,
+            face_b=face_b,
+            label=outcome.pair.label,
+            split=outcome.pair.split,
+            annotator=item.annotator,
+            source=item.source,
+            created_at=now,
+        )
+        return new, True
     stored = session.get(FeedbackPair, outcome.pair.id)
     if stored is None:
         raise _retracted_meanwhile()
@@ -142,7 +157,9 @@ def record_feedback_batch(*, session: Session, items: Sequence[Any], max_items: 
     return BatchOutcome(body=body, created_by_label=created_by_label)
 
 
-def ingest_feedback(*, session: Session, items: Sequence[FeedbackIn | Problem]) -> list[Recorded | Problem]:
+def ingest_feedback(
+    *, session: Session, items: Sequence[FeedbackIn | Problem], now: datetime | None = None
+) -> list[Recorded | Problem]:
     """The outcome of each item, in order: its stored pair (new or existing) or why it was refused.
 
     A pair named twice in the batch is inserted once, by its first item; later items compare against it
@@ -154,7 +171,7 @@ def ingest_feedback(*, session: Session, items: Sequence[FeedbackIn | Problem]) 
     valid = [(index, item) for index, item in enumerate(items) if isinstance(item, FeedbackIn)]
     splits = _face_splits(session, {face for _, item in valid for face in (item.face_a, item.face_b)})
 
-    now = utcnow()
+    now = now or utcnow()
     new_rows: dict[_PairKey, dict[str, Any]] = {}
     keyed: list[tuple[int, FeedbackIn, _PairKey]] = []
     for index, item in valid:

@@ -1,6 +1,6 @@
 """The model registry: register checkpoints, read them with their evaluations, choose the model in service.
 
-Torch-free and database-only, so the worker's auto-promotion calls `activate_model` just like the api does.
+Torch-free and database-only, so the worker's auto-promotion calls `activate` just like the api does.
 """
 
 import logging
@@ -242,7 +242,12 @@ def activate(
     reason: str | None = None,
     job_id: uuid.UUID | None = None,
 ) -> ActivationOutcome:
-    """`activate_model`, also returning the reindex job it queued (None when the model was active already)."""
+    """Put a `ready` model in service, log who, why and what it replaced, and queue its reindex.
+
+    Does not commit: the caller's commit makes the activation visible and only then sends the reindex job.
+    Activating the model already in service changes nothing and returns the activation in force, with no
+    reindex job. Raises Problem 404 (unknown model) or 409 "model-not-ready".
+    """
     _lock(session, _ACTIVATION_LOCK)
     model = require_ready_model(session, model_id)
     current = current_activation(session)
@@ -265,26 +270,6 @@ def activate(
         parent_job_id=job_id,
     )
     return ActivationOutcome(activation, reindex)
-
-
-def activate_model(
-    *,
-    session: Session,
-    settings: Settings,
-    model_id: uuid.UUID,
-    actor: str | None = None,
-    reason: str | None = None,
-    job_id: uuid.UUID | None = None,
-) -> Activation:
-    """Put a `ready` model in service, log who, why and what it replaced, and queue its reindex.
-
-    Does not commit: the caller's commit makes the activation visible and only then sends the reindex job.
-    Activating the model already in service changes nothing and returns the activation in force.
-    Raises Problem 404 (unknown model) or 409 "model-not-ready".
-    """
-    return activate(
-        session=session, settings=settings, model_id=model_id, actor=actor, reason=reason, job_id=job_id
-    ).activation
 
 
 def list_activations(

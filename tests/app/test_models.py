@@ -23,7 +23,7 @@ from app.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan_checkp
 from app.config import Settings
 from app.db import session_scope
 from app.main import create_app
-from app.models.service import activate_model
+from app.models.service import activate
 from app.tables import Activation, Job
 from tests.app.factories import insert_job, insert_model
 from tests.app.problems import PROBLEM
@@ -356,14 +356,14 @@ class TestActivate:
         finetune = insert_job(settings, status="running")
 
         with session_scope(settings.database_url) as session:
-            activation = activate_model(
+            activation = activate(
                 session=session,
                 settings=settings,
                 model_id=model,
                 actor="auto-promote",
                 reason="gate",
                 job_id=finetune,
-            )
+            ).activation
             assert broker.sent_job_ids() == []
         with session_scope(settings.database_url) as session:
             stored = session.get(Activation, activation.id)

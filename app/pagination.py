@@ -9,7 +9,8 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query
 from pydantic import BaseModel
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy.orm import Session
 
 from app.problems import Problem
 
@@ -68,3 +69,13 @@ def next_cursor(rows: Sequence[Any], limit: int) -> tuple[list[Any], str | None]
     page = list(rows[:limit])
     last = page[-1]
     return page, encode_cursor(last.created_at, last.id)
+
+
+def fetch_page(
+    session: Session, model: Any, params: PageParams, *conditions: ColumnElement[bool], **equal_to: Any
+) -> tuple[list[Any], str | None]:
+    """One page of `model` rows matching `conditions` and the `equal_to` column filters that were given
+    (a None filter is left out), with the cursor for the next page."""
+    given = [getattr(model, column) == value for column, value in equal_to.items() if value is not None]
+    statement = select(model).where(*conditions, *given)
+    return next_cursor(session.scalars(paginate(statement, model, params)).all(), params.limit)

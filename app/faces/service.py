@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
 from app.images import inspect_image
-from app.pagination import PageParams, next_cursor, paginate
+from app.pagination import PageParams, fetch_page
 from app.problems import Problem, not_found
 from app.splits import split_for_digest
 from app.tables import Face
@@ -94,13 +94,7 @@ def face_image(*, session: Session, store: BlobStore, face_id: uuid.UUID) -> tup
 def list_faces(
     *, session: Session, page: PageParams, subject: str | None = None, split: str | None = None
 ) -> tuple[Sequence[Face], str | None]:
-    statement = select(Face)
-    if subject is not None:
-        statement = statement.where(Face.subject == subject)
-    if split is not None:
-        statement = statement.where(Face.split == split)
-    rows = session.scalars(paginate(statement, Face, page)).all()
-    return next_cursor(rows, page.limit)
+    return fetch_page(session, Face, page, subject=subject, split=split)
 
 
 def delete_face(*, session: Session, store: BlobStore, face_id: uuid.UUID) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.feedback.schemas import FeedbackIn
-from app.pagination import PageParams, next_cursor, paginate
+from app.pagination import PageParams, fetch_page
 from app.problems import PROBLEM_TYPE_BASE, Problem, not_found
 from app.tables import Face, FeedbackPair, utcnow
 
@@ -243,15 +243,8 @@ def list_feedback(
     split: str | None = None,
     face: uuid.UUID | None = None,
 ) -> tuple[Sequence[FeedbackPair], str | None]:
-    statement = select(FeedbackPair)
-    if label is not None:
-        statement = statement.where(FeedbackPair.label == label)
-    if split is not None:
-        statement = statement.where(FeedbackPair.split == split)
-    if face is not None:
-        statement = statement.where(or_(FeedbackPair.face_a == face, FeedbackPair.face_b == face))
-    rows = session.scalars(paginate(statement, FeedbackPair, page)).all()
-    return next_cursor(rows, page.limit)
+    either_side = [or_(FeedbackPair.face_a == face, FeedbackPair.face_b == face)] if face is not None else []
+    return fetch_page(session, FeedbackPair, page, *either_side, label=label, split=split)
 
 
 def delete_feedback(*, session: Session, feedback_id: uuid.UUID) -> None:

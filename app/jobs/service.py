@@ -4,13 +4,13 @@ import uuid
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import event, select, update
+from sqlalchemy import event, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.jobs.params import FINISHED_STATUSES, PARAMS_BY_KIND, JobParams, params_json
 from app.models import service as models_service
-from app.pagination import PageParams, next_cursor, paginate
+from app.pagination import PageParams, fetch_page
 from app.problems import Problem, not_found
 from app.queue import try_enqueue_job
 from app.tables import Job, utcnow
@@ -112,13 +112,7 @@ def get_job(*, session: Session, job_id: uuid.UUID) -> Job:
 def list_jobs(
     *, session: Session, page: PageParams, kind: str | None = None, status: str | None = None
 ) -> tuple[list[Job], str | None]:
-    statement = select(Job)
-    if kind is not None:
-        statement = statement.where(Job.kind == kind)
-    if status is not None:
-        statement = statement.where(Job.status == status)
-    rows = session.scalars(paginate(statement, Job, page)).all()
-    return next_cursor(rows, page.limit)
+    return fetch_page(session, Job, page, kind=kind, status=status)
 
 
 def cancel_job(*, session: Session, job_id: uuid.UUID) -> tuple[Job, bool]:

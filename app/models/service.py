@@ -17,7 +17,7 @@ from app.checkpoint_keys import KeysUnreadable, checkpoint_shapes, compare, fitt
 from app.checkpoint_scan import CheckpointRejected, scan_checkpoint
 from app.config import Settings
 from app.jobs import service as jobs_service
-from app.pagination import PageParams, next_cursor, paginate
+from app.pagination import PageParams, fetch_page
 from app.problems import Problem, not_found
 from app.tables import Activation, Evaluation, Job, ModelVersion
 
@@ -99,13 +99,7 @@ def evaluations_by_model(session: Session, model_ids: list[uuid.UUID]) -> dict[u
 def list_models(
     *, session: Session, page: PageParams, status: str | None = None, arch: str | None = None
 ) -> tuple[list[ModelVersion], str | None]:
-    statement = select(ModelVersion)
-    if status is not None:
-        statement = statement.where(ModelVersion.status == status)
-    if arch is not None:
-        statement = statement.where(ModelVersion.arch == arch)
-    rows = session.scalars(paginate(statement, ModelVersion, page)).all()
-    return next_cursor(rows, page.limit)
+    return fetch_page(session, ModelVersion, page, status=status, arch=arch)
 
 
 def checkpoint_file(*, session: Session, store: BlobStore, model_id: uuid.UUID) -> tuple[ModelVersion, Path]:
@@ -275,8 +269,4 @@ def activate(
 def list_activations(
     *, session: Session, page: PageParams, model_id: uuid.UUID | None = None
 ) -> tuple[list[Activation], str | None]:
-    statement = select(Activation)
-    if model_id is not None:
-        statement = statement.where(Activation.model_id == model_id)
-    rows = session.scalars(paginate(statement, Activation, page)).all()
-    return next_cursor(rows, page.limit)
+    return fetch_page(session, Activation, page, model_id=model_id)

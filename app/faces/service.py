@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
-from app.images import inspect_image
+from app.faces.images import inspect_image
 from app.pagination import PageParams, fetch_page
 from app.problems import Problem, not_found
 from app.splits import split_for_digest

@@ -13,10 +13,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
-from app.checkpoint_keys import KeysUnreadable, checkpoint_shapes, compare, fitting_arch
-from app.checkpoint_scan import CheckpointRejected, scan_checkpoint
 from app.config import Settings
 from app.jobs import service as jobs_service
+from app.models.checkpoint_keys import KeysUnreadable, checkpoint_shapes, compare, fitting_arch
+from app.models.checkpoint_scan import CheckpointRejected, scan_checkpoint
 from app.pagination import PageParams, fetch_page
 from app.problems import Problem, not_found
 from app.tables import Activation, Evaluation, Job, ModelVersion

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.checkpoint_keys import (
+from app.models.checkpoint_keys import (
     KeysUnreadable,
     architecture_table,
     checkpoint_shapes,

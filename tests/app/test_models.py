@@ -18,11 +18,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.checkpoint_keys import architecture_table
-from app.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan_checkpoint
 from app.config import Settings
 from app.db import session_scope
 from app.main import create_app
+from app.models.checkpoint_keys import architecture_table
+from app.models.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan_checkpoint
 from app.models.service import activate
 from app.tables import Activation, Job
 from tests.app.factories import insert_job, insert_model

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from app.checkpoint_keys import Fit, Shape, compare, key_readings
+from app.models.checkpoint_keys import Fit, Shape, compare, key_readings
 from worker.ml.backbones import ARCHITECTURES, build_backbone, embedding_size, is_iresnet
 
 METADATA_KEY = "magtune"

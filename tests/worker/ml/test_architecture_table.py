@@ -2,7 +2,7 @@
 
 import pytest
 
-from app.checkpoint_keys import architecture_table as shipped_table
+from app.models.checkpoint_keys import architecture_table as shipped_table
 from worker.ml.backbones import ARCHITECTURES
 from worker.ml.backbones.export_keys import TABLE_PATH, architecture_table, render
 from worker.ml.checkpoints import expected_tensors
@@ -10,7 +10,7 @@ from worker.ml.checkpoints import expected_tensors
 
 def test_the_shipped_file_is_what_export_keys_writes() -> None:
     assert TABLE_PATH.read_text(encoding="utf-8") == render(architecture_table()), (
-        "app/architectures.json is stale: run python -m worker.ml.backbones.export_keys"
+        "app/models/architectures.json is stale: run python -m worker.ml.backbones.export_keys"
     )
 
 

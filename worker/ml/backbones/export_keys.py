@@ -1,4 +1,4 @@
-"""Write the torch-free table of each architecture's state_dict keys and shapes, `app/architectures.json`.
+"""Write `app/models/architectures.json`: each architecture's state_dict keys and shapes, torch-free.
 
 The api checks an upload's architecture without importing torch, so it reads this table; regenerate it
 (`python -m worker.ml.backbones.export_keys`) whenever a backbone changes, and a test keeps the two equal.
@@ -13,7 +13,7 @@ import torch
 
 from worker.ml.backbones import ARCHITECTURES, build_backbone
 
-TABLE_PATH = Path(__file__).resolve().parents[3] / "app" / "architectures.json"
+TABLE_PATH = Path(__file__).resolve().parents[3] / "app" / "models" / "architectures.json"
 
 
 def architecture_table() -> dict[str, dict[str, list[int]]]:

@@ -1,7 +1,7 @@
 """Read a checkpoint's tensor names and shapes without torch, and say which architecture they fit.
 
 The pickle is unpickled, but by an unpickler whose `find_class` hands out inert stand-ins for the globals
-`app.checkpoint_scan` allows and refuses every other one, and whose storages are never read: a tensor
+`app.models.checkpoint_scan` allows and refuses every other one, and whose storages are never read: a tensor
 becomes its shape and nothing in the file can run. Run it only on a file `scan_checkpoint` has passed.
 Keys are read the way the worker's `read_state_dict` reads them (MagFace's prefixes stripped, classifier
 heads dropped), and compared with `architectures.json`, which the backbones themselves generate.
@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from app.checkpoint_scan import (
+from app.models.checkpoint_scan import (
     ALLOWED_GLOBALS,
     LEGACY_MAGIC_NUMBER,
     LEGACY_PROTOCOL_VERSION,
@@ -169,7 +169,7 @@ def raw_tensor_shapes(path: Path) -> dict[str, Shape]:
 @cache
 def architecture_table() -> dict[str, dict[str, Shape]]:
     """Architecture → {bare state_dict key: shape}, as `python -m worker.ml.backbones.export_keys` wrote."""
-    text = resources.files("app").joinpath("architectures.json").read_text(encoding="utf-8")
+    text = resources.files("app.models").joinpath("architectures.json").read_text(encoding="utf-8")
     return {arch: {k: tuple(s) for k, s in keys.items()} for arch, keys in json.loads(text).items()}
 
 

@@ -1,6 +1,8 @@
-"""Rows for the worker's job tests, added in the caller's session as the api would have written them."""
+"""Rows for the worker's job tests, added in the caller's session as the api would have written them, and a
+job run to its end in-process."""
 
 import io
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,10 @@ from app.blobs import BlobStore
 from app.config import Settings
 from app.splits import split_for_digest
 from app.tables import Face, FeedbackPair, Job, ModelVersion
+from worker.ml.preprocessing import preprocess_spec_for
+from worker.runtime import Outcome, Timings, run_job
+
+TIMINGS = Timings(heartbeat_interval_s=5.0, progress_interval_s=0.1, cancel_check_interval_s=0.5)
 
 
 def add_face(
@@ -68,3 +74,27 @@ def add_job(session: Session, kind: str, params: dict[str, Any], **fields: Any) 
     session.add(job)
     session.flush()
     return job
+
+
+def add_ready_base(
+    session: Session, store: BlobStore, checkpoint: Path, threshold: float | None = None
+) -> ModelVersion:
+    """The MobileFaceNet checkpoint registered as a ready model, as validate_model leaves it."""
+    model = add_model(
+        session, store, checkpoint, "mobilefacenet", status="ready", threshold=threshold, name="base"
+    )
+    model.embedding_size = 128
+    model.preprocess = preprocess_spec_for("mobilefacenet").to_dict()
+    return model
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id)
+    assert job is not None
+    return job
+
+
+def run_in_process(settings: Settings, job_id: uuid.UUID, timings: Timings = TIMINGS) -> Outcome:
+    outcome = run_job(job_id, settings=settings, worker_name="test-worker", timings=timings)
+    assert outcome is not None
+    return outcome

@@ -1,13 +1,11 @@
 import hashlib
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from app.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_for_digest, validate_split_fractions
+from app.splits import SPLIT_NAMES, split_for_digest, validate_split_fractions
 from worker.ml import splits as splits_module
 from worker.ml.pairs import LabeledPair, read_pairs
 from worker.ml.splits import file_digest, split_pairs
@@ -56,29 +54,12 @@ def test_split_is_deterministic_and_independent_of_pair_order(johns_pairs: list[
     assert split_pairs(johns_pairs).splits == first.splits
 
 
-def test_fractions_are_honoured_on_many_digests() -> None:
-    digests = _random_digests(10_000)
-    for fractions in (DEFAULT_SPLIT_FRACTIONS, {"train": 0.5, "val": 0.2, "test": 0.3}):
-        counts = Counter(split_for_digest(d, fractions) for d in digests)
-        for name in SPLIT_NAMES:
-            assert counts[name] / len(digests) == pytest.approx(fractions[name], abs=0.02)
-
-
 def test_a_split_without_val_never_assigns_val(johns_pairs: list[LabeledPair]) -> None:
     fractions = {"train": 0.8, "test": 0.2}
     assert {split_for_digest(d, fractions) for d in _random_digests(2_000)} == {"train", "test"}
     result = split_pairs(johns_pairs, {"train": 0.8, "val": 0.0, "test": 0.2})
     assert result.splits["val"] == [] and result.image_counts["val"] == 0
     assert result.pair_counts["train"] > 0 and result.pair_counts["test"] > 0
-
-
-def test_digest_maps_to_cumulative_fractions_in_train_val_test_order() -> None:
-    boundary = int(0.7 * 2**64)
-    assert split_for_digest(f"{boundary - 4096:016x}" + "0" * 48) == "train"
-    assert split_for_digest(f"{boundary:016x}" + "0" * 48) == "val"
-    assert split_for_digest("0" * 64) == "train"
-    assert split_for_digest("f" * 64) == "test"
-    assert split_for_digest("F" * 64, {"train": 1.0}) == "train"
 
 
 @pytest.mark.parametrize(
@@ -102,16 +83,6 @@ def test_invalid_fractions_are_rejected(fractions: dict, johns_pairs: list[Label
         split_pairs(johns_pairs[:3], fractions)
 
 
-def test_fractions_within_tolerance_are_accepted() -> None:
-    assert validate_split_fractions({"train": 0.7, "val": 0.15, "test": 0.15 + 5e-7})["test"] > 0.15
-
-
-@pytest.mark.parametrize("digest", ["", "abc", "z" * 64, "0" * 63, "0" * 65])
-def test_malformed_digest_is_rejected(digest: str) -> None:
-    with pytest.raises(ValueError):
-        split_for_digest(digest)
-
-
 def test_known_digests_are_not_rehashed(
     johns_pairs: list[LabeledPair], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,8 +101,3 @@ def test_file_digest_is_the_content_sha256(tmp_path: Path) -> None:
     path = tmp_path / "face.bin"
     path.write_bytes(b"not really a face" * 1000)
     assert file_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def test_app_splits_imports_only_the_standard_library() -> None:
-    code = "import sys, app.splits; bad = {'torch', 'worker'} & set(sys.modules); assert not bad, bad"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[3])

@@ -24,10 +24,11 @@ from app.models.schemas import (
     ModelOut,
     ModelRegistered,
     ModelStatus,
+    ValidationJobOut,
 )
 from app.pagination import Page
 from app.problems import Problem, problem_doc
-from app.tables import Evaluation, ModelVersion
+from app.tables import Evaluation, Job, ModelVersion
 from app.uploads import multipart_body, receive_upload
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -42,16 +43,24 @@ _UPLOAD_BODY = multipart_body(
 )
 
 
-def _model_out(model: ModelVersion, active_id: uuid.UUID | None, evaluations: list[Evaluation]) -> ModelOut:
+def _model_out(
+    model: ModelVersion,
+    active_id: uuid.UUID | None,
+    evaluations: list[Evaluation],
+    validation_job: Job | None = None,
+) -> ModelOut:
     out = ModelOut.model_validate(model)
     out.is_active = model.id == active_id
     out.evaluations = [EvaluationOut.model_validate(evaluation) for evaluation in evaluations]
+    if validation_job is not None:
+        out.validation_job = ValidationJobOut.model_validate(validation_job)
     return out
 
 
 def _detail(session: Session, model: ModelVersion) -> ModelOut:
     evaluations = service.evaluations_by_model(session, [model.id]).get(model.id, [])
-    return _model_out(model, service.active_model_id(session), evaluations)
+    validation = service.validation_jobs_by_model(session, [model.id]).get(model.id)
+    return _model_out(model, service.active_model_id(session), evaluations, validation)
 
 
 def _arch(value: str | None) -> str:
@@ -120,11 +129,16 @@ def list_models(
     model_status: Annotated[ModelStatus | None, Query(alias="status")] = None,
     arch: Annotated[Architecture | None, Query()] = None,
 ) -> Page[ModelOut]:
-    """Registered models, newest first, each with its evaluations."""
+    """Registered models, newest first, each with its evaluations and its validation job."""
     models, cursor = service.list_models(session=session, page=page, status=model_status, arch=arch)
-    evaluations = service.evaluations_by_model(session, [model.id for model in models])
+    ids = [model.id for model in models]
+    evaluations = service.evaluations_by_model(session, ids)
+    validations = service.validation_jobs_by_model(session, ids)
     active_id = service.active_model_id(session)
-    items = [_model_out(model, active_id, evaluations.get(model.id, [])) for model in models]
+    items = [
+        _model_out(model, active_id, evaluations.get(model.id, []), validations.get(model.id))
+        for model in models
+    ]
     return Page[ModelOut](items=items, next_cursor=cursor)
 
 

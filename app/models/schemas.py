@@ -24,6 +24,16 @@ class EvaluationOut(BaseModel):
     created_at: UtcDatetime
 
 
+class ValidationJobOut(BaseModel):
+    """The job that loads an uploaded checkpoint strictly: the model stays `validating` until it finishes."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    error: dict[str, Any] | None = Field(None, description="why the job failed, as problem fields")
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -44,6 +54,9 @@ class ModelOut(BaseModel):
     created_at: UtcDatetime
     validated_at: UtcDatetime | None
     is_active: bool = False
+    validation_job: ValidationJobOut | None = Field(
+        None, description="the upload's strict load by the worker; null for a model a fine-tune registered"
+    )
     evaluations: list[EvaluationOut] = Field(default_factory=list, description="newest first")
 
 

@@ -96,6 +96,28 @@ def evaluations_by_model(session: Session, model_ids: list[uuid.UUID]) -> dict[u
     return found
 
 
+def validation_jobs_by_model(session: Session, model_ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
+    """The latest `validate_model` job of each model, in one query, so a client can tell why a model is
+    still `validating` (queued behind a fine-tune, say) or why it became `invalid`.
+
+    The job names its model only in its JSON params; `->>` on PostgreSQL's JSONB and `json_extract` on
+    SQLite both read it through SQLAlchemy's JSON index with `as_string()`.
+    """
+    if not model_ids:
+        return {}
+    wanted = {str(model_id): model_id for model_id in model_ids}
+    named = Job.params["model"].as_string()
+    statement = (
+        select(named, Job)
+        .where(Job.kind == "validate_model", named.in_(list(wanted)))
+        .order_by(Job.created_at.desc(), Job.id.desc())
+    )
+    found: dict[uuid.UUID, Job] = {}
+    for model_key, job in session.execute(statement):
+        found.setdefault(wanted[model_key], job)
+    return found
+
+
 def list_models(
     *, session: Session, page: PageParams, status: str | None = None, arch: str | None = None
 ) -> tuple[list[ModelVersion], str | None]:

@@ -11,20 +11,23 @@ import os
 import pickle
 import uuid
 import zipfile
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from app.config import Settings
-from app.db import session_scope
+from app.db import get_engine, session_scope
 from app.main import create_app
+from app.migrate import upgrade_database
 from app.models.checkpoint_keys import architecture_table
 from app.models.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan_checkpoint
-from app.models.service import activate
-from app.tables import Activation, Job
+from app.models.service import activate, validation_jobs_by_model
+from app.tables import Activation, Job, ModelVersion
 from tests.app.factories import insert_job, insert_model
 from tests.app.problems import PROBLEM
 from tests.queues import QueueProbe
@@ -280,6 +283,70 @@ class TestRead:
         for key in ("status_reason", "parent_id", "created_by_job_id", "hyperparameters", "dataset_snapshot"):
             assert key in detail
         assert detail["evaluations"] == []
+
+    def test_a_model_shows_its_validation_job_until_and_after_it_ends(
+        self, client: TestClient, settings: Settings
+    ) -> None:
+        registered = upload(client, state_dict_checkpoint()).json()
+        finetuned = insert_model(settings, status="ready")
+
+        detail = client.get(f"/v1/models/{registered['id']}").json()
+        listed = {item["id"]: item for item in client.get("/v1/models").json()["items"]}
+        job_id = uuid.UUID(registered["validation_job_id"])
+        refused = {"type": "wrong-architecture", "title": "Wrong architecture", "detail": "fits iresnet50"}
+        with session_scope(settings.database_url) as session:
+            job = session.get(Job, job_id)
+            job.status, job.error = "failed", refused
+        after = client.get(f"/v1/models/{registered['id']}").json()
+
+        expected = {"id": str(job_id), "status": "queued", "error": None}
+        assert detail["validation_job"] == expected
+        assert listed[registered["id"]]["validation_job"] == expected
+        assert listed[str(finetuned)]["validation_job"] is None
+        assert after["validation_job"] == {"id": str(job_id), "status": "failed", "error": refused}
+
+    def test_a_list_page_reads_the_validation_jobs_in_one_query(
+        self, client: TestClient, settings: Settings
+    ) -> None:
+        for seed in range(3):
+            upload(client, state_dict_checkpoint(seed))
+        statements: list[str] = []
+
+        def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            statements.append(statement)
+
+        engine = get_engine(settings.database_url)
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            items = client.get("/v1/models").json()["items"]
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+
+        assert len(items) == 3 and all(item["validation_job"] is not None for item in items)
+        assert sum("FROM jobs" in statement for statement in statements) == 1
+
+    def test_validation_jobs_are_found_on_sqlite_too(self, tmp_path: Path) -> None:
+        """The embedded default keeps job params in SQLite's JSON, not PostgreSQL's JSONB."""
+        url = f"sqlite:///{tmp_path / 'models.db'}"
+        upgrade_database(url)
+        with session_scope(url) as session:
+            models = [ModelVersion(arch="iresnet18", sha256=f"{n}" * 64, byte_size=1) for n in range(3)]
+            session.add_all(models)
+            session.flush()
+            older = Job(kind="validate_model", params={"model": str(models[0].id)}, status="failed")
+            session.add(older)
+            session.flush()
+            newer = Job(kind="validate_model", params={"model": str(models[0].id)}, status="queued")
+            other = Job(kind="reindex", params={"model": str(models[1].id)})
+            session.add_all([newer, other])
+            session.flush()
+            newer.created_at = older.created_at + timedelta(seconds=1)
+            session.flush()
+
+            found = validation_jobs_by_model(session, [model.id for model in models])
+
+            assert {model_id: job.id for model_id, job in found.items()} == {models[0].id: newer.id}
+        get_engine(url).dispose()
 
     @pytest.mark.parametrize("suffix", ["", "/checkpoint", "/activate"])
     def test_unknown_model_is_a_404_problem(self, client: TestClient, suffix: str) -> None:

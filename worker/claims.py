@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 _jobs = Job.__table__
 
+DONE_PHASE = "done"
+
 
 @dataclass(frozen=True)
 class ClaimedJob:
@@ -135,9 +137,16 @@ def finish_job(
     error: Mapping[str, Any] | None = None,
     progress: Mapping[str, Any] | None = None,
 ) -> bool:
-    """Record how the attempt ended; False (and nothing written) when the attempt no longer owns the row."""
+    """Record how the attempt ended; False (and nothing written) when the attempt no longer owns the row.
+
+    A succeeded job's progress says `phase: "done"` (its other fields kept), so a client polling progress
+    alone never sees a finished job stuck in its last working phase; a failed or cancelled one keeps the
+    phase it stopped in, which tells where it went wrong.
+    """
     if status not in ("succeeded", "failed", "cancelled"):
         raise ValueError(f"a job finishes as succeeded, failed or cancelled, not {status!r}")
+    if status == "succeeded":
+        progress = {**(progress or {}), "phase": DONE_PHASE}
     now = utcnow()
     values: dict[str, Any] = {
         "status": status,

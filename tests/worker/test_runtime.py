@@ -220,6 +220,30 @@ def test_a_successful_handler_stores_its_result_and_last_progress(settings: Sett
     assert job.finished_at is not None and job.finished_at >= job.started_at
 
 
+def test_a_succeeded_job_says_done_in_its_progress_keeping_its_other_fields(settings: Settings) -> None:
+    def handler(ctx: JobContext) -> dict[str, Any]:
+        ctx.progress(phase="gating", epoch=3, epochs=3, loss=0.25)
+        return {"promoted": False}
+
+    job = _run_with(settings, handler)
+    assert job.status == "succeeded"
+    assert job.progress == {"phase": "done", "epoch": 3, "epochs": 3, "loss": 0.25}
+
+
+def test_a_succeeded_job_that_reported_no_progress_says_done(settings: Settings) -> None:
+    job = _run_with(settings, lambda _ctx: {})
+    assert (job.status, job.progress) == ("succeeded", {"phase": "done"})
+
+
+def test_a_failed_job_keeps_the_phase_it_stopped_in(settings: Settings) -> None:
+    def handler(ctx: JobContext) -> dict[str, Any]:
+        ctx.progress(phase="train", epoch=1)
+        raise JobFailed("not-enough-feedback", "Not enough feedback", "no val pairs")
+
+    job = _run_with(settings, handler)
+    assert (job.status, job.progress) == ("failed", {"phase": "train", "epoch": 1})
+
+
 @pytest.mark.parametrize(
     ("exception", "expected_type", "detail_part"),
     [

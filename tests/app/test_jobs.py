@@ -16,7 +16,7 @@ from app.jobs.service import create_job
 from app.jobs.sweeper import start_background_sweeper, sweep_once
 from app.tables import Job
 from tests.app.factories import activate_directly, insert_job, insert_model, read_job
-from tests.app.problems import PROBLEM
+from tests.app.problems import assert_problem
 from tests.queues import QueueProbe
 from tests.services import CLOSED_PORT_BROKER
 
@@ -108,9 +108,7 @@ class TestCreateJob:
     ) -> None:
         response = client.post("/v1/jobs", json=body)
 
-        assert response.status_code == 422
-        assert response.headers["content-type"] == PROBLEM
-        problem = response.json()
+        problem = assert_problem(response, 422, "validation-error")
         assert named in problem["detail"]
         if named != "kind":  # an unknown kind is reported on the body, as the tag of the union
             assert any(named in [str(part) for part in error["loc"]] for error in problem["errors"])
@@ -119,15 +117,12 @@ class TestCreateJob:
     def test_without_an_active_model_is_a_409(self, client: TestClient) -> None:
         response = client.post("/v1/jobs", json={"kind": "finetune"})
 
-        assert response.status_code == 409
-        assert response.json()["type"].endswith("/no-active-model")
+        assert_problem(response, 409, "no-active-model")
 
     def test_unknown_model_is_a_404(self, client: TestClient, active_model: uuid.UUID) -> None:
         response = client.post("/v1/jobs", json={"kind": "reindex", "params": {"model": str(uuid.uuid4())}})
 
-        assert response.status_code == 404
-        assert response.headers["content-type"] == PROBLEM
-        assert response.json()["type"].endswith("/unknown-model")
+        assert_problem(response, 404, "unknown-model")
 
     @pytest.mark.parametrize("status", ["validating", "invalid"])
     def test_model_not_ready_is_a_409(self, client: TestClient, settings: Settings, status: str) -> None:
@@ -135,8 +130,7 @@ class TestCreateJob:
 
         response = client.post("/v1/jobs", json={"kind": "evaluate", "params": {"model": str(model)}})
 
-        assert response.status_code == 409
-        assert response.json()["type"].endswith("/model-not-ready")
+        assert_problem(response, 409, "model-not-ready")
 
     def test_broker_down_still_accepts_and_leaves_the_job_for_the_sweeper(
         self, settings: Settings, active_model: uuid.UUID
@@ -182,9 +176,7 @@ class TestReadJobs:
     def test_unknown_job_is_a_404_problem(self, client: TestClient) -> None:
         response = client.get(f"/v1/jobs/{uuid.uuid4()}")
 
-        assert response.status_code == 404
-        assert response.headers["content-type"] == PROBLEM
-        assert response.json()["type"].endswith("/unknown-job")
+        assert_problem(response, 404, "unknown-job")
 
     def test_list_filters_and_pages(self, client: TestClient, settings: Settings) -> None:
         finetunes = [insert_job(settings, kind="finetune") for _ in range(3)]
@@ -200,7 +192,10 @@ class TestReadJobs:
         assert second["next_cursor"] is None
         seen = [item["id"] for item in first["items"] + second["items"]]
         assert seen == [str(job_id) for job_id in reversed(finetunes)]
-        assert client.get("/v1/jobs", params={"status": "exploded"}).status_code == 422
+        exploded = assert_problem(
+            client.get("/v1/jobs", params={"status": "exploded"}), 422, "validation-error"
+        )
+        assert exploded["errors"][0]["loc"] == ["query", "status"]
 
 
 class TestCancel:
@@ -220,7 +215,8 @@ class TestCancel:
             ).rowcount
         assert claimed == 0
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
-        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+        again = assert_problem(client.post(f"/v1/jobs/{job_id}/cancel"), 409, "job-finished")
+        assert again["job_status"] == "cancelled"
 
     def test_a_running_job_is_flagged(self, client: TestClient, settings: Settings) -> None:
         job_id = insert_job(settings, status="running", attempts=1, started_at=datetime.now(UTC))
@@ -237,13 +233,11 @@ class TestCancel:
 
         response = client.post(f"/v1/jobs/{job_id}/cancel")
 
-        assert response.status_code == 409
-        assert response.headers["content-type"] == PROBLEM
-        assert response.json()["type"].endswith("/job-finished")
+        assert assert_problem(response, 409, "job-finished")["job_status"] == status
         assert read_job(settings, job_id).status == status
 
     def test_unknown_job_is_a_404(self, client: TestClient) -> None:
-        assert client.post(f"/v1/jobs/{uuid.uuid4()}/cancel").status_code == 404
+        assert_problem(client.post(f"/v1/jobs/{uuid.uuid4()}/cancel"), 404, "unknown-job")
 
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)

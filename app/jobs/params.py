@@ -14,6 +14,8 @@ DEFAULT_MARGIN = 1.4
 DEFAULT_EPOCHS = 10
 DEFAULT_LEARNING_RATE = 1e-4
 DEFAULT_BATCH_SIZE = 16
+# Epochs without improvement on val before training stops; stored with the job so its params say what ran.
+DEFAULT_PATIENCE = 3
 # Pull of each training face towards its parent's embedding, against forgetting (README; 0 turns it off).
 DEFAULT_DISTILL_WEIGHT = 1.0
 
@@ -51,8 +53,8 @@ class FinetuneParams(JobParams):
     )
     seed: Annotated[StrictInt, Field(ge=0)] = 0
     auto_promote: StrictBool = Field(True, description="activate the new model when it passes the gate")
-    patience: Annotated[StrictInt, Field(ge=1)] | None = Field(
-        None, description="stop after this many epochs without improvement on val (default: the trainer's)"
+    patience: Annotated[StrictInt, Field(ge=1)] = Field(
+        DEFAULT_PATIENCE, description="stop after this many epochs without improvement on val"
     )
     distill_weight: Annotated[StrictFloat, Field(ge=0, le=100)] = Field(
         DEFAULT_DISTILL_WEIGHT,

@@ -47,7 +47,7 @@ class TestCreateJob:
             "margin": DEFAULT_MARGIN,
             "seed": 0,
             "auto_promote": True,
-            "patience": None,
+            "patience": 3,
             "distill_weight": DEFAULT_DISTILL_WEIGHT,
             "freeze_stem": False,
         }

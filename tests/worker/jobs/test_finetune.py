@@ -33,6 +33,13 @@ def test_the_api_job_defaults_are_the_trainers_defaults() -> None:
     from worker.ml.training import TrainConfig
 
     assert train_config(FinetuneParams().model_dump(mode="json")) == TrainConfig()
+    stored = FinetuneParams().model_dump(mode="json")
+    trainer = TrainConfig().to_dict()
+    shared = sorted(set(stored) & set(trainer))
+    assert "patience" in shared
+    assert {key: stored[key] for key in shared} == {key: trainer[key] for key in shared}, (
+        "the stored params name the values the trainer uses, not nulls it fills in"
+    )
     custom = {"margin": 1.0, "distill_weight": 0.0, "freeze_stem": True, "epochs": 3}
     assert train_config(FinetuneParams(**custom).model_dump(mode="json")) == TrainConfig(**custom)
 

@@ -29,7 +29,7 @@ from app.models.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan
 from app.models.service import activate, validation_jobs_by_model
 from app.tables import Activation, Job, ModelVersion
 from tests.app.factories import insert_job, insert_model
-from tests.app.problems import PROBLEM
+from tests.app.problems import assert_problem
 from tests.queues import QueueProbe
 
 
@@ -151,9 +151,7 @@ class TestRegister:
     ) -> None:
         response = upload(client, content)
 
-        assert response.status_code == 422
-        assert response.headers["content-type"] == PROBLEM
-        assert response.json()["type"].endswith(f"/{kind}")
+        assert_problem(response, 422, kind)
         assert stored_files(settings) == []
         assert client.get("/v1/models").json()["items"] == []
         assert broker.sent_job_ids() == []
@@ -166,9 +164,7 @@ class TestRegister:
 
         response = upload(client, content)
 
-        assert response.status_code == 422
-        problem = response.json()
-        assert problem["type"].endswith("/checkpoint-contains-code")
+        problem = assert_problem(response, 422, "checkpoint-contains-code")
         assert "posix.system" in problem["detail"]
         assert problem["offending_global"] == "posix.system"
         assert not marker.exists()
@@ -179,8 +175,7 @@ class TestRegister:
         with TestClient(create_app(small, run_sweeper=False)) as client:
             response = upload(client, state_dict_checkpoint())
 
-        assert response.status_code == 413
-        assert response.headers["content-type"] == PROBLEM
+        assert_problem(response, 413, "upload-too-large")
         root = settings.blob_dir / "checkpoints"
         assert not root.exists() or [path for path in root.rglob("*") if path.is_file()] == []
 
@@ -188,18 +183,15 @@ class TestRegister:
     def test_arch_is_required_and_checked(self, client: TestClient, arch: str | None) -> None:
         response = upload(client, state_dict_checkpoint(), arch=arch)
 
-        assert response.status_code == 422
-        assert response.json()["errors"][0]["loc"] == ["body", "arch"]
+        problem = assert_problem(response, 422, "validation-error")
+        assert [error["loc"] for error in problem["errors"]] == [["body", "arch"]]
 
 
 class TestArchitectureCheck:
     def assert_refused_and_not_kept(
         self, response: httpx.Response, client: TestClient, settings: Settings, broker: QueueProbe
     ) -> dict:
-        assert response.status_code == 422
-        assert response.headers["content-type"] == PROBLEM
-        problem = response.json()
-        assert problem["type"].endswith("/wrong-architecture")
+        problem = assert_problem(response, 422, "wrong-architecture")
         assert stored_files(settings) == []
         assert client.get("/v1/models").json()["items"] == []
         assert broker.sent_job_ids() == []
@@ -262,8 +254,7 @@ class TestArchitectureCheck:
 
         response = upload(client, content, arch="iresnet18")
 
-        assert response.status_code == 422
-        assert response.json()["type"].endswith("/checkpoint-contains-code")
+        assert_problem(response, 422, "checkpoint-contains-code")
         assert not marker.exists()
         assert stored_files(settings) == []
 
@@ -353,17 +344,14 @@ class TestRead:
         url = f"/v1/models/{uuid.uuid4()}{suffix}"
         response = client.post(url) if suffix == "/activate" else client.get(url)
 
-        assert response.status_code == 404
-        assert response.headers["content-type"] == PROBLEM
-        assert response.json()["type"].endswith("/unknown-model")
+        assert_problem(response, 404, "unknown-model")
 
 
 class TestActivate:
     def test_no_active_model_is_a_404_problem(self, client: TestClient) -> None:
         response = client.get("/v1/models/active")
 
-        assert response.status_code == 404
-        assert response.json()["type"].endswith("/no-active-model")
+        assert_problem(response, 404, "no-active-model")
 
     @pytest.mark.parametrize("status", ["validating", "invalid"])
     def test_a_model_that_is_not_ready_cannot_be_activated(
@@ -373,8 +361,7 @@ class TestActivate:
 
         response = client.post(f"/v1/models/{model}/activate", json={"reason": "try"})
 
-        assert response.status_code == 409
-        assert response.json()["type"].endswith("/model-not-ready")
+        assert_problem(response, 409, "model-not-ready")
         assert client.get("/v1/models/activations").json()["items"] == []
 
     def test_activation_is_logged_and_queues_a_reindex(

@@ -4,6 +4,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from tests.app.problems import assert_problem
 from tests.services import CLOSED_PORT_BROKER
 
 CLOSED_PORT_DATABASE = "postgresql+psycopg://root@127.0.0.1:1/magtune?connect_timeout=2"
@@ -28,13 +29,10 @@ def test_readyz_names_a_broker_that_is_down(settings: Settings) -> None:
     with TestClient(create_app(down, run_sweeper=False)) as client:
         response = client.get("/readyz")
 
-    assert response.status_code == 503
-    assert response.headers["content-type"] == "application/problem+json"
-    problem = response.json()
-    assert problem["type"].endswith("/not-ready")
+    problem = assert_problem(response, 503, "not-ready")
     assert problem["down"] == ["broker"]
     assert problem["checks"]["database"] == "ok"
-    assert "broker" in problem["detail"]
+    assert problem["detail"] == "down: broker"
 
 
 def test_readyz_names_a_database_that_is_down(settings: Settings) -> None:
@@ -42,6 +40,7 @@ def test_readyz_names_a_database_that_is_down(settings: Settings) -> None:
     with TestClient(create_app(down, run_sweeper=False)) as client:
         response = client.get("/readyz")
 
-    assert response.status_code == 503
-    assert response.json()["down"] == ["database"]
-    assert response.json()["checks"]["broker"] == "ok"
+    problem = assert_problem(response, 503, "not-ready")
+    assert problem["down"] == ["database"]
+    assert problem["checks"]["broker"] == "ok"
+    assert problem["detail"] == "down: database"

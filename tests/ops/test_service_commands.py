@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -36,10 +38,29 @@ def _magtune(
     )
 
 
+COMMANDS = {
+    "up",
+    "migrate",
+    "serve",
+    "worker",
+    "sweep",
+    "import",
+    "reindex",
+    "finetune",
+    "evaluate",
+    "validate",
+    "split",
+    "embed",
+    "selftest",
+}
+
+
 def test_help_lists_the_service_commands() -> None:
-    help_text = build_parser().format_help()
-    for command in ("up", "migrate", "serve", "worker", "sweep", "import"):
-        assert command in help_text
+    parser = build_parser()
+    (commands,) = (action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    assert set(commands.choices) == COMMANDS
+    listed = re.findall(r"^    (\S+) +\S", parser.format_help(), flags=re.MULTILINE)
+    assert sorted(listed) == sorted(COMMANDS), "each command on its own line of the help, with what it does"
 
 
 def test_worker_defaults_to_one_job_at_a_time() -> None:

@@ -28,6 +28,21 @@ def upgrade_database(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
+def current_revision(database_url: str) -> str | None:
+    """The revision the database is at (heads joined by "," should branches ever meet); None if unmigrated."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            heads = MigrationContext.configure(connection).get_current_heads()
+    finally:
+        engine.dispose()
+    return ",".join(sorted(heads)) or None
+
+
 def downgrade_database(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
 

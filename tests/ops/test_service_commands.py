@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
+import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from sqlalchemy import select
@@ -200,3 +204,65 @@ def test_import_skips_the_pairs_of_a_refused_image(migrated_database: str, tmp_p
     assert [line.split(":")[0] for line in result["rejections"]] == [
         f"image {(tmp_path / 'broken.png').resolve()}"
     ]
+
+
+def test_every_command_but_the_long_running_ones_takes_json() -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    takes_json = {
+        name for name, sub in commands.items() if any("--json" in a.option_strings for a in sub._actions)
+    }
+    assert set(commands) - takes_json == {"up", "serve", "worker"}
+    assert {"migrate", "sweep"} <= takes_json
+
+
+def test_migrate_json_names_the_database_and_its_revision(postgres_database: str, tmp_path: Path) -> None:
+    from alembic.script import ScriptDirectory
+
+    from app.migrate import alembic_config
+
+    settings = {"MAGTUNE_DATABASE_URL": postgres_database}
+    done = _magtune("migrate", "--json", settings=settings, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    head = ScriptDirectory.from_config(alembic_config(postgres_database)).get_current_head()
+    assert json.loads(done.stdout) == {"database": postgres_database, "revision": head}
+    plain = _magtune("migrate", settings=settings, cwd=tmp_path)
+    assert plain.stdout.strip() == f"database {postgres_database} is up to date (revision {head})"
+
+
+def test_up_refuses_a_busy_port_at_once_and_starts_nothing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = _magtune("up", "--port", str(port), "--data-dir", str(data_dir), cwd=tmp_path)
+        elapsed = time.monotonic() - started
+    assert done.returncode == 2, done.stderr
+    assert elapsed < 8, f"a busy port took {elapsed:.1f} s to refuse"
+    assert done.stderr.count("\n") == 1 and f"127.0.0.1:{port}" in done.stderr
+    assert "Address already in use" in done.stderr
+    assert "celery" not in (done.stdout + done.stderr).lower(), "no worker was started"
+    assert not data_dir.exists(), "nothing was migrated, no broker database created"
+
+
+def test_up_prints_where_everything_is_last_once_both_processes_are_ready(tmp_path: Path) -> None:
+    port, data_dir = free_port(), tmp_path / "data"
+    api_url = f"http://127.0.0.1:{port}"
+    args = ["up", "--port", str(port), "--data-dir", str(data_dir)]
+    with ServiceProcess("up", args, service_environment({}), tmp_path) as up:
+        up.wait_for_log(r"\n  broker: +\S+", timeout_s=120)
+        time.sleep(2.0)  # anything either child printed after the summary would show now
+        tail = [line for line in up.log_text().splitlines() if line.strip()][-5:]
+        docs = httpx.get(f"{api_url}/docs", timeout=10.0)
+        assert up.stop(signal.SIGINT, timeout_s=60) == 0
+    assert tail[0] == f"magtune api listening on {api_url}; the worker is ready; Ctrl-C stops both"
+    assert [line.split()[:2] for line in tail[1:]] == [
+        ["docs:", f"{api_url}/docs"],
+        ["data:", str(data_dir.resolve())],
+        ["database:", f"sqlite:///{data_dir.resolve() / 'magtune.db'}"],
+        ["broker:", f"sqla+sqlite:///{data_dir.resolve() / 'broker.db'}"],
+    ]
+    assert "celery@" in up.log_text() and "ready." in up.log_text(), "the worker's own log is relayed"
+    assert docs.status_code == 200

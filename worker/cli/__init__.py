@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="magtune",
         description="Fine-tune MagFace face-embedding models on same/different feedback.",
+        epilog="Every command but the long-running up, serve and worker takes --json: one JSON document on "
+        "stdout.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     service_commands.register(commands)

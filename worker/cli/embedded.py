@@ -4,25 +4,35 @@ The api and the worker run as `magtune serve` and `magtune worker` children, eac
 own: Ctrl-C in a terminal reaches only this supervisor, which then stops each child exactly once (SIGTERM:
 uvicorn drains requests, Celery finishes or hands back its job), so Celery never sees the second signal that
 would make it abandon a job. When either child dies, the other is stopped and `up` exits non-zero.
+
+Start-up is in order, so that a failure stops it early and the last thing printed says where everything is:
+the port is checked first (a busy port is one line and exit 2, with nothing started: no second worker joins
+another instance's broker), then the database is migrated, the api started and awaited on /readyz, then the
+worker started and awaited until Celery says it is ready, and only then the summary is printed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import IO
+from urllib.parse import urlsplit, urlunsplit
 
-from worker.cli.output import EXIT_FAILED, EXIT_OK
+from worker.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, error
 
 POLL_S = 0.2
 READY_TIMEOUT_S = 120.0
@@ -63,26 +73,84 @@ class StopRequest:
         self.requested.set()
 
 
+@dataclass(frozen=True)
+class Where:
+    """Where the embedded service keeps its data, as the summary shows it (passwords hidden)."""
+
+    data_dir: Path
+    database: str
+    broker: str
+
+
 def run_embedded(*, host: str, port: int, data_dir: str | None, stop_timeout_s: float) -> int:
     if data_dir is not None:
         os.environ["MAGTUNE_DATA_DIR"] = str(Path(data_dir).resolve())
+    busy = port_unavailable(host, port)
+    if busy is not None:
+        error("up", busy)
+        return EXIT_BAD_INPUT
     where = _prepare_database()
     stop = StopRequest()
-    children = [
-        _spawn("api", ["serve", "--host", host, "--port", str(port)]),
-        _spawn("worker", ["worker"]),
-    ]
+    api_url = f"http://{_client_host(host)}:{port}"
+    children: list[Child] = []
     try:
-        failed = _supervise(children, stop, api_url=f"http://{_client_host(host)}:{port}", where=where)
+        failed = _start(children, stop, host=host, port=port, api_url=api_url)
+        if not failed and not stop.requested.is_set():
+            print(summary(api_url, where), flush=True)
+            failed = _supervise(children, stop)
     finally:
         _stop_all(children, stop, stop_timeout_s)
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _prepare_database() -> str:
-    """Migrate before anything serves; returns a line saying where the data lives."""
-    from sqlalchemy.engine import make_url
+def port_unavailable(host: str, port: int) -> str | None:
+    """Why the api could not listen on (host, port), or None when it can; checked before anything starts.
 
+    Binds the way uvicorn does (SO_REUSEADDR), so a port left in TIME_WAIT counts as free and one with a
+    listener does not.
+    """
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        hint = " (is magtune up running already? choose another port with --port)" if _in_use(exc) else ""
+        return f"cannot listen on {host}:{port}: {reason}{hint}"
+    return None
+
+
+def _in_use(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+
+
+def summary(api_url: str, where: Where) -> str:
+    """What `up` prints once both processes are up: where to send requests and where the data lives."""
+    rows = [
+        ("docs", f"{api_url}/docs"),
+        ("data", str(where.data_dir)),
+        ("database", where.database),
+        ("broker", where.broker),
+    ]
+    lines = [f"magtune api listening on {api_url}; the worker is ready; Ctrl-C stops both"]
+    lines += [f"  {name + ':':<10}{value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def redacted(url: str) -> str:
+    """A URL as it may be printed: any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _prepare_database() -> Where:
+    """Migrate before anything serves; returns where the data lives."""
     from app.config import Settings
     from app.migrate import upgrade_database
 
@@ -91,8 +159,7 @@ def _prepare_database() -> str:
     # The children resolve the data directory exactly as this process did, whatever their working directory.
     os.environ["MAGTUNE_DATA_DIR"] = str(settings.data_dir.resolve())
     upgrade_database(settings.database_url)
-    database = make_url(settings.database_url).render_as_string(hide_password=True)
-    return f"data {settings.data_dir.resolve()}, database {database}"
+    return Where(settings.data_dir.resolve(), redacted(settings.database_url), redacted(settings.broker_url))
 
 
 def _child_setup() -> None:
@@ -101,29 +168,71 @@ def _child_setup() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _spawn(name: str, command: list[str]) -> Child:
+def _spawn(name: str, command: list[str], *, piped: bool = False) -> Child:
     process = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", *command],
         process_group=0,
         preexec_fn=_child_setup,
+        stdout=subprocess.PIPE if piped else None,
+        stderr=subprocess.STDOUT if piped else None,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"} if piped else None,
     )
     return Child(name, process)
 
 
-def _supervise(children: list[Child], stop: StopRequest, *, api_url: str, where: str) -> bool:
-    """Wait for a stop request or a child's death; True when a child died on its own."""
-    announced = False
+def _relay(stream: IO[bytes], ready: threading.Event) -> None:
+    """Copy the worker's output to our stderr line by line; set `ready` at Celery's "celery@HOST ready."."""
+    for line in iter(stream.readline, b""):
+        sys.stderr.buffer.write(line)
+        sys.stderr.buffer.flush()
+        if b"celery@" in line and line.rstrip().endswith(b" ready."):
+            ready.set()
+
+
+def _start(children: list[Child], stop: StopRequest, *, host: str, port: int, api_url: str) -> bool:
+    """The api, then the worker, each awaited; True when one died or did not get ready in time."""
     deadline = time.monotonic() + READY_TIMEOUT_S
+    children.append(_spawn("api", ["serve", "--host", host, "--port", str(port)]))
+    if _await(children, stop, deadline, lambda: _answers(f"{api_url}/readyz"), f"the api on {api_url}"):
+        return True
+    if stop.requested.is_set():
+        return False
+    worker = _spawn("worker", ["worker"], piped=True)
+    children.append(worker)
+    ready = threading.Event()
+    assert worker.process.stdout is not None
+    threading.Thread(target=_relay, args=(worker.process.stdout, ready), daemon=True).start()
+    return _await(children, stop, deadline, ready.is_set, "the worker")
+
+
+def _await(
+    children: list[Child], stop: StopRequest, deadline: float, ready: Callable[[], bool], what: str
+) -> bool:
+    """Poll `ready` until it holds or a stop is requested; True when a child died or time ran out."""
     while not stop.requested.is_set():
-        for child in children:
-            if not child.alive():
-                _report(f"{child.name} exited with status {child.process.returncode}; stopping")
-                return True
-        if not announced and _answers(f"{api_url}/healthz"):
-            print(f"magtune api listening on {api_url} ({where}); Ctrl-C stops", flush=True)
-            announced = True
-        elif not announced and time.monotonic() > deadline:
-            _report(f"the api did not answer on {api_url} within {READY_TIMEOUT_S:.0f} s; stopping")
+        if _died(children):
+            return True
+        if ready():
+            return False
+        if time.monotonic() > deadline:
+            _report(f"{what} was not ready within {READY_TIMEOUT_S:.0f} s; stopping")
+            return True
+        stop.requested.wait(POLL_S)
+    return False
+
+
+def _died(children: list[Child]) -> bool:
+    for child in children:
+        if not child.alive():
+            _report(f"{child.name} exited with status {child.process.returncode}; stopping")
+            return True
+    return False
+
+
+def _supervise(children: list[Child], stop: StopRequest) -> bool:
+    """Wait for a stop request or a child's death; True when a child died on its own."""
+    while not stop.requested.is_set():
+        if _died(children):
             return True
         stop.requested.wait(POLL_S)
     return False

@@ -40,7 +40,9 @@ def _register_up(subparsers: argparse._SubParsersAction) -> None:
         "up",
         help="run the whole service on this machine: migrate, then the api and one worker",
         description="Embedded mode: SQLite and the SQLAlchemy broker under the data directory unless "
-        "MAGTUNE_DATABASE_URL / MAGTUNE_BROKER_URL say otherwise. Ctrl-C stops both processes.",
+        "MAGTUNE_DATABASE_URL / MAGTUNE_BROKER_URL say otherwise. Once both processes are ready it prints "
+        "the api and docs URLs, the data directory, the database and the broker. Ctrl-C stops both "
+        "processes. Long-running: no --json.",
     )
     _add_listen_options(parser)
     parser.add_argument(
@@ -67,23 +69,38 @@ def _register_migrate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "migrate", help="bring the database schema up to date (alembic upgrade head)"
     )
+    parser.add_argument(
+        "--json", action="store_true", help='print {"database": URL, "revision": REVISION} as JSON'
+    )
     parser.set_defaults(handler=run_migrate)
 
 
-def run_migrate(_args: argparse.Namespace) -> int:
+def run_migrate(args: argparse.Namespace) -> int:
     from sqlalchemy.engine import make_url
 
     from app.config import get_settings
-    from app.migrate import upgrade_database
+    from app.migrate import current_revision, upgrade_database
 
     settings = get_settings()
     upgrade_database(settings.database_url)
-    print(f"database {make_url(settings.database_url).render_as_string(hide_password=True)} is up to date")
+    result = {
+        "database": make_url(settings.database_url).render_as_string(hide_password=True),
+        "revision": current_revision(settings.database_url),
+    }
+    emit(result, as_json=args.json, render=_render_migrate)
     return EXIT_OK
 
 
+def _render_migrate(result: dict[str, Any]) -> str:
+    return f"database {result['database']} is up to date (revision {result['revision']})"
+
+
 def _register_serve(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="run the api (uvicorn)")
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the api (uvicorn)",
+        description="Runs the api until stopped. Long-running: no --json.",
+    )
     _add_listen_options(parser)
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -125,7 +142,8 @@ def _register_worker(subparsers: argparse._SubParsersAction) -> None:
         "worker",
         help="run a Celery worker for the job queue",
         description="One job at a time per GPU: prefork pool, and a fresh child process for every job so "
-        "that no CUDA state outlives a job and the parent process never touches CUDA.",
+        "that no CUDA state outlives a job and the parent process never touches CUDA. Long-running: no "
+        "--json.",
     )
     parser.add_argument("--queue", help="queue to consume (default: MAGTUNE_QUEUE_NAME, else gpu)")
     parser.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1: one per GPU)")
@@ -161,7 +179,11 @@ def _register_sweep(subparsers: argparse._SubParsersAction) -> None:
         "sweep",
         help="one pass of the job sweeper (re-send lost messages, recover jobs of dead workers); prints JSON",
         description="The api runs this every MAGTUNE_SWEEP_INTERVAL_S; this command is for cron or for an "
-        "operator without a running api.",
+        "operator without a running api. Prints one JSON document: the ids of the jobs it re-sent, "
+        "requeued or failed, and their counts.",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the report as JSON (the only form it has; for uniformity)"
     )
     parser.set_defaults(handler=run_sweep)
 

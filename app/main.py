@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app import health, observability
+from app import docs, health, observability
 from app.config import Settings, get_settings
 from app.faces.router import router as faces_router
 from app.feedback.router import router as feedback_router
@@ -39,6 +39,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         description="Face crops and same/different feedback in; fine-tuned, evaluated MagFace models out.",
         generate_unique_id_function=_operation_id,
         lifespan=lifespan,
+        docs_url=None,  # app.docs serves /docs and /redoc with local assets instead of a CDN's
+        redoc_url=None,
     )
     app.state.settings = settings
     install_problem_handlers(app)
@@ -46,4 +48,5 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     for router in (faces_router, feedback_router, jobs_router, models_router, metrics_router):
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
+    docs.install(app)
     return app

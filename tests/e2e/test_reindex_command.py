@@ -1,6 +1,7 @@
 """`magtune reindex` against a running api and worker: it starts a reindex job and follows it to the end."""
 
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -49,13 +50,17 @@ def test_reindex_command_embeds_every_face_with_the_active_model(
 
     followed = _reindex(api.url, "--wait")
     assert followed.returncode == 0, followed.stderr
-    assert "succeeded" in followed.stderr.splitlines()[-1], "--wait reports the job's progress on stderr"
-    assert "(reindex): succeeded" in followed.stdout
+    last_progress = followed.stderr.splitlines()[-1]
+    assert last_progress.split()[0] == "succeeded", "--wait reports the job's progress on stderr"
+    summary, *result = followed.stdout.splitlines()
+    assert re.fullmatch(r"job [0-9a-f-]{36} \(reindex\): succeeded", summary), summary
+    assert json.loads("\n".join(result))["embedded"] == len(face_ids)
 
 
 def test_reindex_command_reports_a_refusal_with_the_api_problem(api: RunningApi) -> None:
     done = _reindex(api.url, "--json")  # no model is active yet
 
     assert done.returncode == 2
-    assert "409" in done.stderr and "active" in done.stderr.lower()
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("magtune reindex: error: POST /v1/jobs: 409 No active model "), line
     assert done.stdout == ""

@@ -52,7 +52,17 @@ def test_the_gate(
     decision = gate.decide(test, regression, regression_auc_tolerance=0.002, best_epoch=best_epoch)
     assert decision.passed is passed
     assert [c.name for c in decision.checks if not c.passed] == failing
+    every_check = ["test_auc", "test_eer", "improved_on_val"]
+    if regression is not None:
+        every_check.insert(2, "regression_auc")
+    assert [c.name for c in decision.checks] == every_check, "a missing check cannot pass the gate"
     assert len(decision.reasons) >= len(decision.checks)
+    assert decision.reasons[: len(decision.checks)] == [c.reason for c in decision.checks]
+    assert all(decision.reasons)
     summary = decision.to_dict()
     assert summary["passed"] is passed and summary["promoted"] is False
+    assert summary["reasons"] == decision.reasons
+    assert [(c["name"], c["passed"]) for c in summary["checks"]] == [
+        (c.name, c.passed) for c in decision.checks
+    ]
     assert (summary["regression"] is None) == (regression is None)

@@ -183,10 +183,12 @@ def _spawn(name: str, command: list[str], *, piped: bool = False) -> Child:
 def _relay(stream: IO[bytes], ready: threading.Event) -> None:
     """Copy the worker's output to our stderr line by line; set `ready` at Celery's "celery@HOST ready."."""
     for line in iter(stream.readline, b""):
-        sys.stderr.buffer.write(line)
-        sys.stderr.buffer.flush()
+        # Keep draining when our stderr is gone (a closed pipe): a full pipe would block the worker's logging.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
         if b"celery@" in line and line.rstrip().endswith(b" ready."):
-            ready.set()
+            ready.set()  # after the line is out, so the summary printed on it comes after it
 
 
 def _start(children: list[Child], stop: StopRequest, *, host: str, port: int, api_url: str) -> bool:

@@ -1,16 +1,14 @@
 """Content-addressed blob store on a local directory: face images and model checkpoints.
 
-A blob lives at `<root>/<namespace>/<sha[:2]>/<sha>`. Writes go to a temp file in the namespace's directory
-(the same filesystem, so the final `os.replace` is atomic), are fsynced, and only then take their final name:
-a reader never sees half a blob, and a write that fails or runs over its size limit leaves nothing behind.
+A blob lives at `<root>/<namespace>/<sha[:2]>/<sha>`. Writes go to a `app.durable.DurableFile` in the
+namespace's directory (the same filesystem, so the final rename is atomic), are fsynced, and only then take
+their final name: a reader never sees half a blob, and a write that fails or runs over its size limit leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import uuid
 from collections.abc import AsyncIterable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from anyio import to_thread
+
+from app.durable import DurableFile
 
 NAMESPACES = frozenset({"faces", "checkpoints"})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -40,70 +40,57 @@ class StoredBlob:
 
 
 class StagedBlob:
-    """A blob being received: bytes go to a temp file and are hashed as they arrive.
+    """A blob being received: a durable temp file in the namespace's directory, hashed as bytes arrive.
 
     `commit()` moves it to its content address; until then it can be inspected at `path`. Made by
-    `BlobStore.staging()`, which removes the temp file unless it was committed.
+    `BlobStore.staging()`, which removes the temp file unless it was committed. It is a writable binary file
+    object, so a serialiser (e.g. a checkpoint saver) can write straight into it.
     """
 
     def __init__(self, store: BlobStore, namespace: str, max_bytes: int | None) -> None:
         self._store = store
         self._namespace = namespace
         self._max_bytes = max_bytes
-        directory = store.root / namespace
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
-        self._file: BinaryIO | None = open(self.path, "xb")  # noqa: SIM115 - closed by finish/discard
-        self._hash = hashlib.sha256()
-        self.size = 0
-        self._sha256: str | None = None
+        self._file = DurableFile(store.root / namespace, prefix=_TEMP_PREFIX)
+        self.path = self._file.path
         self.committed = False
 
-    def write(self, chunk: bytes) -> None:
-        if self._file is None:
-            raise RuntimeError("the blob is already complete")
-        self.size += len(chunk)
-        if self._max_bytes is not None and self.size > self._max_bytes:
+    @property
+    def size(self) -> int:
+        return self._file.size
+
+    def write(self, chunk: bytes) -> int:
+        if self._max_bytes is not None and self.size + len(chunk) > self._max_bytes:
             raise BlobTooLarge(self._max_bytes)
-        self._hash.update(chunk)
-        self._file.write(chunk)
+        return self._file.write(chunk)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def writable(self) -> bool:
+        return True
 
     def finish(self) -> str:
         """Flush to disk and return the content's sha256; no more writes after this."""
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            self._sha256 = self._hash.hexdigest()
-        assert self._sha256 is not None
-        return self._sha256
+        return self._file.finish()
 
     @property
     def sha256(self) -> str:
-        if self._sha256 is None:
-            raise RuntimeError("finish() the blob before reading its sha256")
-        return self._sha256
+        return self._file.sha256
 
     def commit(self) -> StoredBlob:
         """Give the blob its content address; if that blob already exists the copy is simply dropped."""
         sha = self.finish()
         final = self._store.path(self._namespace, sha)
-        final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
-            self.path.unlink(missing_ok=True)
+            self._file.discard()
         else:
-            os.replace(self.path, final)
-            _fsync_directory(final.parent)
+            self._file.commit(final)
         self.committed = True
         return StoredBlob(sha256=sha, size=self.size, path=final)
 
     def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if not self.committed:
-            self.path.unlink(missing_ok=True)
+        self._file.discard()
 
 
 class BlobStore:
@@ -162,17 +149,3 @@ class BlobStore:
 def _check_namespace(namespace: str) -> None:
     if namespace not in NAMESPACES:
         raise ValueError(f"unknown blob namespace {namespace!r}; expected one of {sorted(NAMESPACES)}")
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

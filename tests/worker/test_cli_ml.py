@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.durable import file_digest
 from tests.conftest import REPO_ROOT
 from worker.cli import main
 from worker.cli.ml_commands import TRAINING_OPTIONS
-from worker.ml.checkpoints import file_sha256, load_backbone
+from worker.ml.checkpoints import load_backbone
 from worker.ml.pairs import read_pairs, write_pairs
 from worker.ml.training import TrainConfig
 
@@ -118,7 +119,7 @@ def test_evaluate_reports_metrics_for_every_pair(
     assert result["metrics"]["counts"]["pairs"] == len(pairs)
     assert result["metrics"]["counts"]["positives"] == sum(p.label for p in pairs)
     assert result["model"]["arch"] == "mobilefacenet"
-    assert result["model"]["sha256"] == file_sha256(mobilefacenet_checkpoint)
+    assert result["model"]["sha256"] == file_digest(mobilefacenet_checkpoint)
     assert result["threshold"] is None and result["threshold_source"] is None
     assert result["metrics"]["at_threshold"]["accuracy"] is None
     assert 0.5 < result["metrics"]["roc_auc"] <= 1.0
@@ -157,7 +158,7 @@ def test_finetune_writes_checkpoints_that_carry_their_lineage(
     finetuned: tuple[Path, dict], mobilefacenet_checkpoint: Path, small_train_pairs: Path
 ) -> None:
     out, result = finetuned
-    parent_sha = file_sha256(mobilefacenet_checkpoint)
+    parent_sha = file_digest(mobilefacenet_checkpoint)
     assert result["parent"]["sha256"] == parent_sha
     assert result["pairs"]["train"] == len(read_pairs(small_train_pairs).pairs)
     for role in ("best", "final"):
@@ -231,7 +232,7 @@ def test_validate_reports_each_pairs_file(
         assert report["deltas"]["roc_auc"] == pytest.approx(delta)
     for role in ("pretrained", "finetuned"):
         assert result[role]["threshold_source"].startswith("calibrated on")
-    assert result["pretrained"]["sha256"] == file_sha256(mobilefacenet_checkpoint)
+    assert result["pretrained"]["sha256"] == file_digest(mobilefacenet_checkpoint)
     assert result["warnings"] == []
 
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.durable import durable_write
 from worker.cli import output
 from worker.cli.output import CommandError, Result
 
@@ -106,7 +105,8 @@ def finetune_command(args: argparse.Namespace) -> Result:
         sha256 = save_checkpoint(path, model.cpu(), arch=args.arch, epoch=epoch, metadata=metadata)
         saved[role] = {"path": path, "sha256": sha256, "epoch": epoch, "threshold": threshold}
     summary = {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early, "history": history}
-    _write_atomically(history_path, json.dumps(output.plain(summary), indent=2) + "\n")
+    with durable_write(history_path) as stream:
+        stream.write((json.dumps(output.plain(summary), indent=2) + "\n").encode("utf-8"))
     if val is not None and result.best_epoch == 0:
         warnings.append(output.warn("no epoch beat the starting weights on val: best.pth holds the parent's"))
     return {
@@ -322,17 +322,14 @@ def embed_command(args: argparse.Namespace) -> Result:
         raise CommandError(f"{root}: none of the {len(files)} image files could be decoded")
     embeddings = torch.cat([part.embeddings for part in parts]).numpy().astype(np.float32)
     norms = torch.cat([part.norms for part in parts]).numpy().astype(np.float32)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=args.output.parent, suffix=".tmp", delete=False) as handle:
-        np.savez(
-            handle,
-            ids=np.array(ids, dtype=str),
-            embeddings=embeddings,
-            norms=norms,
-            arch=np.array(loaded.arch),
-            model_sha256=np.array(loaded.sha256),
-        )
-    os.replace(handle.name, args.output)
+    _write_npz(
+        args.output,
+        ids=np.array(ids, dtype=str),
+        embeddings=embeddings,
+        norms=norms,
+        arch=np.array(loaded.arch),
+        model_sha256=np.array(loaded.sha256),
+    )
     return {
         "model": describe_model(args.model, loaded),
         "images": root,
@@ -400,7 +397,13 @@ def _images(pairs: Sequence[LabeledPair]) -> set[Path]:
     return {Path(image).resolve() for pair in pairs for image in (pair.image1, pair.image2)}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+def _write_npz(path: Path, **arrays: Any) -> None:
+    """What ``np.savez`` writes, streamed into a durable file (``np.savez`` wants a seekable one)."""
+    import zipfile
+
+    import numpy as np
+
+    with durable_write(path) as out, zipfile.ZipFile(out, "w", allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array))

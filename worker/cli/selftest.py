@@ -150,7 +150,8 @@ def _check_backbones(workspace: _Workspace) -> str:
 def _check_checkpoint(workspace: _Workspace) -> str:
     import torch
 
-    from worker.ml.checkpoints import CheckpointError, file_sha256, load_backbone, save_checkpoint
+    from app.durable import file_digest
+    from worker.ml.checkpoints import CheckpointError, load_backbone, save_checkpoint
 
     for arch in ("iresnet18", "mobilefacenet"):
         model = workspace.models.get(arch)
@@ -161,7 +162,7 @@ def _check_checkpoint(workspace: _Workspace) -> str:
         path = workspace.root / f"{arch}.pth"
         sha256 = save_checkpoint(path, model, arch=arch, epoch=0, metadata={"selftest": True})
         loaded = load_backbone(path)
-        if loaded.arch != arch or loaded.sha256 != sha256 or sha256 != file_sha256(path):
+        if loaded.arch != arch or loaded.sha256 != sha256 or sha256 != file_digest(path):
             raise AssertionError(f"{arch} read back as {loaded.arch} with sha256 {loaded.sha256[:12]}")
         original = model.state_dict()
         if any(not torch.equal(value, original[key]) for key, value in loaded.model.state_dict().items()):

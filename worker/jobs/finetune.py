@@ -15,9 +15,7 @@ The steps, each visible in the job's progress phase:
 from __future__ import annotations
 
 import copy
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -38,7 +36,7 @@ from worker.jobs.data import (
     load_feedback,
 )
 from worker.jobs.registry import LoadedModel, blob_store, load_model, model_row, threshold_for
-from worker.ml.checkpoints import save_checkpoint
+from worker.ml.checkpoints import write_checkpoint
 from worker.ml.embedding import select_device
 from worker.ml.pairs import IndexedPairs
 from worker.ml.training import FinetuneResult, TrainConfig, TrainingCancelled, TrainProgress, finetune
@@ -119,14 +117,13 @@ def _train(
 def _store_checkpoint(
     ctx: JobContext, backbone: nn.Module, metadata: dict[str, Any], *, arch: str, epoch: int
 ) -> StoredBlob:
-    store = blob_store(ctx.settings)
-    staging = ctx.settings.blob_dir / "checkpoints"
-    staging.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=staging, prefix=".finetune-") as folder:
-        path = Path(folder) / "checkpoint.pth"
-        save_checkpoint(path, backbone, arch=arch, epoch=epoch, metadata=metadata)
-        with path.open("rb") as stream:
-            return store.write_stream("checkpoints", iter(lambda: stream.read(1 << 20), b""))
+    """Serialise the checkpoint once, straight into the blob store, hashed as it is written.
+
+    A retry that produces the same bytes finds the blob already there and keeps that one.
+    """
+    with blob_store(ctx.settings).staging("checkpoints") as staged:
+        write_checkpoint(staged, backbone, arch=arch, epoch=epoch, metadata=metadata)
+        return staged.commit()
 
 
 def _register(

@@ -13,17 +13,17 @@ import io
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from app.durable import durable_write
 from app.models.checkpoint_keys import Fit, Shape, compare, key_readings
 from worker.ml.backbones import ARCHITECTURES, build_backbone, embedding_size, is_iresnet
 
@@ -57,14 +57,6 @@ class LoadedBackbone:
     metadata: dict[str, Any]
     sha256: str
     epoch: int | None = None
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @cache
@@ -279,35 +271,20 @@ def _check_plain(value: Any, where: str) -> None:
     )
 
 
-def _atomic_write(path: Path, payload: dict[str, Any]) -> str:
-    """Write beside ``path``, fsync, then rename over it: readers see the old file or the new, never half."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)
-        digest = file_sha256(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return digest
+class Writable(Protocol):
+    """What ``torch.save`` writes to: a durable file, or a blob being staged in the blob store."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
-def save_checkpoint(
-    path: str | os.PathLike[str], model: nn.Module, *, arch: str, epoch: int, metadata: dict[str, Any]
-) -> str:
-    """Write ``model`` in MagFace's layout with ``metadata`` under ``"magtune"``; returns the file's sha256.
+def _payload(model: nn.Module, *, arch: str, epoch: int, metadata: dict[str, Any]) -> dict[str, Any]:
+    """``model`` in MagFace's layout with ``metadata`` under ``"magtune"``, checked before a byte is written.
 
     ``architecture`` and ``embedding_size`` are added to the metadata (a conflicting value is an error).
     """
+    arch = str(arch)  # an exact str: an Architecture member would be pickled, and weights_only refuses it
     expected = expected_tensors(arch)
     state = model.state_dict()
     fit = _compare(state, arch)
@@ -319,12 +296,26 @@ def save_checkpoint(
         if key in metadata and metadata[key] != value:
             raise ValueError(f"metadata[{key!r}] is {metadata[key]!r} but the model is {key} {value!r}")
     prefix = IRESNET_KEY_PREFIX if is_iresnet(arch) else ""
-    payload = {
+    return {
         "epoch": int(epoch),
         "arch": arch,
         "state_dict": {prefix + key: state[key].detach().to("cpu").contiguous() for key in expected},
         METADATA_KEY: {**facts, **metadata},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _atomic_write(path, payload)
+
+
+def write_checkpoint(
+    stream: Writable, model: nn.Module, *, arch: str, epoch: int, metadata: dict[str, Any]
+) -> None:
+    """Serialise ``model`` in MagFace's layout into ``stream`` in one pass, e.g. into a staged blob."""
+    torch.save(_payload(model, arch=arch, epoch=epoch, metadata=metadata), stream)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], model: nn.Module, *, arch: str, epoch: int, metadata: dict[str, Any]
+) -> str:
+    """Write ``model`` in MagFace's layout to ``path``, whole or not at all; returns the file's sha256."""
+    payload = _payload(model, arch=arch, epoch=epoch, metadata=metadata)
+    with durable_write(path) as stream:
+        torch.save(payload, stream)
+    return stream.sha256

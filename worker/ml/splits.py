@@ -8,11 +8,11 @@ same across jobs, pair orders and processes (see :mod:`app.splits`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.durable import file_digest
 from app.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_for_digest, validate_split_fractions
 from worker.ml.pairs import LabeledPair
 
@@ -36,12 +36,6 @@ class SplitResult:
     @property
     def pair_counts(self) -> dict[str, int]:
         return {name: len(pairs) for name, pairs in self.splits.items()}
-
-
-def file_digest(path: str | Path) -> str:
-    """The sha256 of a file's content, as hex."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def split_pairs(

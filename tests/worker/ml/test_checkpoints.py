@@ -15,16 +15,18 @@ import numpy as np
 import pytest
 import torch
 
+from app.blobs import BlobStore
+from app.durable import file_digest
 from tests.worker.ml.magface import HEAD_CLASSES, magface_layout
 from worker.ml.backbones import ARCHITECTURES, build_backbone
 from worker.ml.checkpoints import (
     CheckpointError,
     backbone_state_dict,
     detect_architecture,
-    file_sha256,
     load_backbone,
     read_state_dict,
     save_checkpoint,
+    write_checkpoint,
 )
 
 IRESNETS = ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
@@ -149,7 +151,7 @@ def test_shared_mobilefacenet_loads_strictly(mobilefacenet_checkpoint: Path) -> 
     original = torch.load(mobilefacenet_checkpoint, map_location="cpu", weights_only=True)
     loaded = load_backbone(mobilefacenet_checkpoint)
     assert (loaded.arch, loaded.metadata, loaded.epoch) == ("mobilefacenet", {}, None)
-    assert loaded.sha256 == MOBILEFACENET_SHA256 == file_sha256(mobilefacenet_checkpoint)
+    assert loaded.sha256 == MOBILEFACENET_SHA256 == file_digest(mobilefacenet_checkpoint)
     assert_same_tensors(loaded.model, original)
     with torch.inference_mode():
         assert loaded.model(torch.rand(1, 3, 112, 112)).shape == (1, 128)
@@ -312,7 +314,7 @@ def test_save_then_load_round_trips(arch: str, tmp_path: Path) -> None:
     model = randomised(arch)
     path = tmp_path / "models" / f"{arch}.pth"
     digest = save_checkpoint(path, model, arch=arch, epoch=4, metadata=METADATA)
-    assert digest == file_sha256(path)
+    assert digest == file_digest(path)
     assert sorted(os.listdir(path.parent)) == [path.name]
 
     loaded = load_backbone(path)
@@ -331,6 +333,24 @@ def test_save_then_load_round_trips(arch: str, tmp_path: Path) -> None:
     assert list(raw["state_dict"]) == [prefix + key for key in model.state_dict()]
 
 
+def test_a_checkpoint_written_into_a_staged_blob_is_stored_once_under_its_sha256(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    model = randomised("iresnet18")
+    with store.staging("checkpoints") as staged:
+        write_checkpoint(staged, model, arch="iresnet18", epoch=2, metadata={"threshold": 0.3})
+        blob = staged.commit()
+    assert [p for p in store.root.rglob("*") if p.is_file()] == [blob.path]
+    assert blob.sha256 == file_digest(blob.path) and blob.size == blob.path.stat().st_size
+    loaded = load_backbone(blob.path)
+    assert (loaded.arch, loaded.epoch, loaded.sha256) == ("iresnet18", 2, blob.sha256)
+    assert loaded.metadata["threshold"] == 0.3
+    assert_same_tensors(loaded.model, model.state_dict())
+    saved = save_checkpoint(
+        tmp_path / "same.pth", model, arch="iresnet18", epoch=2, metadata={"threshold": 0.3}
+    )
+    assert saved == blob.sha256, "the staged blob holds the bytes save_checkpoint writes to a file"
+
+
 def test_saved_iresnet_keys_are_magface_keys(tmp_path: Path, magface_key_file: Callable[[str], Any]) -> None:
     path = tmp_path / "iresnet18.pth"
     save_checkpoint(path, build_backbone("iresnet18"), arch="iresnet18", epoch=0, metadata={})
@@ -347,7 +367,7 @@ def test_save_replaces_atomically_and_leaves_no_temporary(
     second = save_checkpoint(
         path, build_backbone("mobilefacenet"), arch="mobilefacenet", epoch=2, metadata={}
     )
-    assert first != second == file_sha256(path)
+    assert first != second == file_digest(path)
     assert os.listdir(tmp_path) == ["model.pth"]
 
     def fails_halfway(payload: Any, stream: Any) -> None:
@@ -358,7 +378,7 @@ def test_save_replaces_atomically_and_leaves_no_temporary(
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, randomised("mobilefacenet"), arch="mobilefacenet", epoch=3, metadata={})
     assert os.listdir(tmp_path) == ["model.pth"]
-    assert file_sha256(path) == second
+    assert file_digest(path) == second
 
 
 @pytest.mark.parametrize(

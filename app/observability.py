@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db import get_session_factory
-from app.jobs.params import FINISHED_STATUSES
+from app.domain import FINISHED_JOB_STATUSES
 from app.tables import Job
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class JobsCollector(Collector):
                 func.sum(seconds).label("seconds"),
             )
             .where(
-                Job.status.in_(FINISHED_STATUSES),
+                Job.status.in_(sorted(FINISHED_JOB_STATUSES)),
                 Job.started_at.is_not(None),
                 Job.finished_at.is_not(None),
             )

@@ -11,8 +11,13 @@ import math
 from collections.abc import Mapping
 from types import MappingProxyType
 
-SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-DEFAULT_SPLIT_FRACTIONS: Mapping[str, float] = MappingProxyType({"train": 0.7, "val": 0.15, "test": 0.15})
+from app.domain import FaceSplit
+
+# Plain strings, in the order the hash is cut: they name files and appear in messages as they are.
+SPLIT_NAMES: tuple[str, ...] = tuple(split.value for split in FaceSplit)
+DEFAULT_SPLIT_FRACTIONS: Mapping[str, float] = MappingProxyType(
+    {FaceSplit.TRAIN.value: 0.7, FaceSplit.VAL.value: 0.15, FaceSplit.TEST.value: 0.15}
+)
 FRACTION_SUM_TOLERANCE = 1e-6
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, null, select, update
 from sqlalchemy.orm import Session
 
+from app.domain import FINISHED_JOB_STATUSES, JobStatus
 from app.tables import Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,12 @@ def claim_job(session: Session, job_id: uuid.UUID | str, worker_name: str) -> Cl
         update(_jobs)
         .where(
             _jobs.c.id == job_uuid,
-            _jobs.c.status == "queued",
+            _jobs.c.status == JobStatus.QUEUED,
             _jobs.c.attempts < _jobs.c.max_attempts,
             _jobs.c.cancel_requested.is_(False),
         )
         .values(
-            status="running",
+            status=JobStatus.RUNNING,
             attempts=_jobs.c.attempts + 1,
             started_at=now,
             heartbeat_at=now,
@@ -101,15 +102,15 @@ def _settle_unclaimable(session: Session, job_id: uuid.UUID) -> None:
     if job is None:
         log.warning("job %s does not exist; message dropped", job_id)
         return
-    if job.status != "queued":
+    if job.status != JobStatus.QUEUED:
         log.info(
             "job %s is %s (attempt %d, %s); this delivery exits", job_id, job.status, job.attempts, job.worker
         )
         return
     if job.cancel_requested:
-        status, error = "cancelled", None
+        status, error = JobStatus.CANCELLED, None
     else:
-        status = "failed"
+        status = JobStatus.FAILED
         error = {
             "type": "attempts-exhausted",
             "title": "No attempts left",
@@ -117,7 +118,7 @@ def _settle_unclaimable(session: Session, job_id: uuid.UUID) -> None:
         }
     session.execute(
         update(_jobs)
-        .where(_jobs.c.id == job_id, _jobs.c.status == "queued")
+        .where(_jobs.c.id == job_id, _jobs.c.status == JobStatus.QUEUED)
         .values(status=status, error=error if error is not None else null(), finished_at=utcnow())
     )
     session.commit()
@@ -125,7 +126,7 @@ def _settle_unclaimable(session: Session, job_id: uuid.UUID) -> None:
 
 
 def owned_by(job: ClaimedJob) -> tuple[Any, ...]:
-    return (_jobs.c.id == job.id, _jobs.c.status == "running", _jobs.c.attempts == job.attempt)
+    return (_jobs.c.id == job.id, _jobs.c.status == JobStatus.RUNNING, _jobs.c.attempts == job.attempt)
 
 
 def finish_job(
@@ -143,7 +144,7 @@ def finish_job(
     alone never sees a finished job stuck in its last working phase; a failed or cancelled one keeps the
     phase it stopped in, which tells where it went wrong.
     """
-    if status not in ("succeeded", "failed", "cancelled"):
+    if status not in FINISHED_JOB_STATUSES:
         raise ValueError(f"a job finishes as succeeded, failed or cancelled, not {status!r}")
     if status == "succeeded":
         progress = {**(progress or {}), "phase": DONE_PHASE}

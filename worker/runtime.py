@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import get_engine, session_scope
+from app.domain import JobStatus
 from app.tables import Job, utcnow
 from worker.claims import ClaimedJob, claim_job, finish_job, owned_by
 
@@ -238,7 +239,7 @@ Handler = Callable[[JobContext], Mapping[str, Any]]
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str
+    status: JobStatus
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
 
@@ -246,23 +247,25 @@ class Outcome:
 def _outcome_of(handler: Handler | None, ctx: JobContext) -> Outcome:
     try:
         handler = handler or _registered_handler(ctx.job.kind)
-        return Outcome("succeeded", result=dict(handler(ctx)))
+        return Outcome(JobStatus.SUCCEEDED, result=dict(handler(ctx)))
     except JobCancelled as exc:
-        return Outcome("cancelled", error={"type": "cancelled", "title": "Cancelled", "detail": str(exc)})
+        return Outcome(
+            JobStatus.CANCELLED, error={"type": "cancelled", "title": "Cancelled", "detail": str(exc)}
+        )
     except JobFailed as exc:
         log.info("job %s failed: %s", ctx.job.id, exc.detail)
-        return Outcome("failed", error=exc.to_error())
+        return Outcome(JobStatus.FAILED, error=exc.to_error())
     except SoftTimeLimitExceeded:
         limit = ctx.settings.job_soft_time_limit_s
         detail = f"the job ran past its time limit of {limit} s"
         return Outcome(
-            "failed", error={"type": "time-limit", "title": "Time limit exceeded", "detail": detail}
+            JobStatus.FAILED, error={"type": "time-limit", "title": "Time limit exceeded", "detail": detail}
         )
     except Exception as exc:
         log.exception("job %s (%s) raised an unexpected error", ctx.job.id, ctx.job.kind)
         detail = f"{type(exc).__name__}: {exc}"
         return Outcome(
-            "failed", error={"type": "internal-error", "title": "Internal error", "detail": detail}
+            JobStatus.FAILED, error={"type": "internal-error", "title": "Internal error", "detail": detail}
         )
 
 
@@ -287,7 +290,9 @@ def run_job(
     engine = get_engine(settings.database_url)
     if expected_kind is not None and claimed.kind != expected_kind:
         detail = f"a {claimed.kind} job was delivered to the {expected_kind} task"
-        outcome = Outcome("failed", error={"type": "wrong-kind", "title": "Wrong task", "detail": detail})
+        outcome = Outcome(
+            JobStatus.FAILED, error={"type": "wrong-kind", "title": "Wrong task", "detail": detail}
+        )
         finish_job(engine, claimed, outcome.status, error=outcome.error)
         return outcome
     ctx = JobContext(claimed, settings, timings=timings)

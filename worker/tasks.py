@@ -1,4 +1,4 @@
-"""Celery tasks, one per job kind: each takes only the job's id and hands it to `worker.runtime.run_job`.
+"""Celery tasks, one per JobKind: each takes only the job's id and hands it to `worker.runtime.run_job`.
 
 The task's return value is unused (no result backend): the job row holds the status, result and error. A
 task never raises for a job that failed, since the failure is recorded on the row; raising is left to what
@@ -12,6 +12,7 @@ import socket
 from celery import Task
 
 from app.config import get_settings
+from app.domain import JobKind
 from app.queue import task_name
 from worker.celery_app import celery_app
 from worker.runtime import run_job
@@ -29,21 +30,21 @@ def _run(task: Task, kind: str, job_id: str) -> str | None:
     return outcome.status if outcome is not None else None
 
 
-@celery_app.task(name=task_name("finetune"), bind=True)
-def finetune(self: Task, job_id: str) -> str | None:
-    return _run(self, "finetune", job_id)
+def _register(kind: JobKind) -> Task:
+    """The task `magtune.<kind>`, which runs only jobs of that kind (anything else fails as wrong-kind)."""
+
+    def run(self: Task, job_id: str) -> str | None:
+        return _run(self, kind, job_id)
+
+    run.__name__ = run.__qualname__ = kind.value
+    run.__module__ = __name__
+    return celery_app.task(name=task_name(kind), bind=True)(run)
 
 
-@celery_app.task(name=task_name("evaluate"), bind=True)
-def evaluate(self: Task, job_id: str) -> str | None:
-    return _run(self, "evaluate", job_id)
+TASKS: dict[JobKind, Task] = {kind: _register(kind) for kind in JobKind}
 
-
-@celery_app.task(name=task_name("reindex"), bind=True)
-def reindex(self: Task, job_id: str) -> str | None:
-    return _run(self, "reindex", job_id)
-
-
-@celery_app.task(name=task_name("validate_model"), bind=True)
-def validate_model(self: Task, job_id: str) -> str | None:
-    return _run(self, "validate_model", job_id)
+# Module attributes as before (`worker.tasks.validate_model(job_id)`), for callers and tests.
+finetune = TASKS[JobKind.FINETUNE]
+evaluate = TASKS[JobKind.EVALUATE]
+reindex = TASKS[JobKind.REINDEX]
+validate_model = TASKS[JobKind.VALIDATE_MODEL]

@@ -4,6 +4,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict
 
+from app.domain import FaceSplit
 from app.schemas import UtcDatetime
 
 
@@ -17,7 +18,7 @@ class FaceOut(BaseModel):
     channels: int
     media_type: str
     byte_size: int
-    split: str
+    split: FaceSplit
     subject: str | None
     source: str | None
     created_at: UtcDatetime

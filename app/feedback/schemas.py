@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from app.domain import FeedbackSplit
 from app.schemas import UtcDatetime
 
 Label = Annotated[
@@ -23,7 +24,7 @@ class FeedbackIn(BaseModel):
     label: Label
     annotator: str | None = Field(default=None, max_length=256)
     source: str | None = Field(default=None, max_length=256)
-    split: Literal["regression"] | None = Field(
+    split: Literal[FeedbackSplit.REGRESSION] | None = Field(
         default=None,
         description='"regression" puts the pair in the regression set, whose faces are never trained on; '
         "otherwise the pair takes its faces' common split (train, val, test) or, when they differ, "
@@ -38,7 +39,7 @@ class FeedbackOut(BaseModel):
     face_a: uuid.UUID
     face_b: uuid.UUID
     label: int
-    split: str
+    split: FeedbackSplit
     annotator: str | None
     source: str | None
     created_at: UtcDatetime

@@ -22,13 +22,14 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.domain import FeedbackSplit
 from app.feedback.schemas import FeedbackIn
 from app.pagination import PageParams, fetch_page
 from app.problems import PROBLEM_TYPE_BASE, Problem, not_found
 from app.tables import Face, FeedbackPair, utcnow
 
-REGRESSION_SPLIT = "regression"
-CROSS_SPLIT = "cross"
+REGRESSION_SPLIT = FeedbackSplit.REGRESSION
+CROSS_SPLIT = FeedbackSplit.CROSS
 _IDS_PER_QUERY = 5000
 _PAIRS_PER_QUERY = 2000
 _TABLE: Table = FeedbackPair.__table__  # type: ignore[assignment]
@@ -86,6 +87,7 @@ def canonical_pair(face_x: uuid.UUID, face_y: uuid.UUID) -> tuple[uuid.UUID, uui
 
 
 def pair_split(requested: str | None, split_a: str, split_b: str) -> str:
+    """A FeedbackSplit value; the faces' own split passes through unconverted (this runs once per item)."""
     if requested == REGRESSION_SPLIT:
         return REGRESSION_SPLIT
     return split_a if split_a == split_b else CROSS_SPLIT
@@ -302,7 +304,7 @@ def _compare(item: FeedbackIn, pair: StoredPair) -> Recorded | Problem:
             409,
             "conflicting-split",
             "Conflicting split",
-            f"feedback {pair.id} already records this pair in split {pair.split!r}; "
+            f"feedback {pair.id} already records this pair in split '{pair.split}'; "
             "retract it to record it in the regression set",
             feedback_id=str(pair.id),
         )

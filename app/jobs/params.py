@@ -2,9 +2,11 @@
 from strings, so a typo in a request fails loudly instead of training with a default."""
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.domain import EvaluationSplit, JobKind
 
 # Contrastive margin on L2-normalised distances. The original config used 1.0, which contracts the whole
 # embedding space (accuracy at a fixed threshold collapsed); 1.4 keeps negatives near cosine 0. See DESIGN §5
@@ -22,17 +24,6 @@ DEFAULT_DISTILL_WEIGHT = 1.0
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
-
-PUBLIC_KINDS = ("finetune", "evaluate", "reindex")
-INTERNAL_KINDS = ("validate_model",)
-JOB_KINDS = PUBLIC_KINDS + INTERNAL_KINDS
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-
-PublicJobKind = Literal["finetune", "evaluate", "reindex"]
-JobKind = Literal["finetune", "evaluate", "reindex", "validate_model"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-EvaluationSplit = Literal["test", "val", "regression"]
 
 
 class JobParams(BaseModel):
@@ -69,7 +60,7 @@ class FinetuneParams(JobParams):
 
 class EvaluateParams(JobParams):
     model: uuid.UUID | None = Field(None, description="default: the active model")
-    split: EvaluationSplit = "test"
+    split: EvaluationSplit = EvaluationSplit.TEST
     compare_to: uuid.UUID | None = Field(None, description="a second model scored on the same pairs")
 
     def model_refs(self) -> dict[str, uuid.UUID | None]:
@@ -92,11 +83,11 @@ class ValidateModelParams(JobParams):
     model: uuid.UUID
 
 
-PARAMS_BY_KIND: dict[str, type[JobParams]] = {
-    "finetune": FinetuneParams,
-    "evaluate": EvaluateParams,
-    "reindex": ReindexParams,
-    "validate_model": ValidateModelParams,
+PARAMS_BY_KIND: dict[JobKind, type[JobParams]] = {
+    JobKind.FINETUNE: FinetuneParams,
+    JobKind.EVALUATE: EvaluateParams,
+    JobKind.REINDEX: ReindexParams,
+    JobKind.VALIDATE_MODEL: ValidateModelParams,
 }
 
 

@@ -6,8 +6,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from app.deps import PageDep, SessionDep, SettingsDep
+from app.domain import JobKind, JobStatus
 from app.jobs import service
-from app.jobs.params import JobKind, JobStatus
 from app.jobs.schemas import JobCreate, JobOut
 from app.pagination import Page
 from app.problems import problem_doc

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
+from app.domain import JobStatus
 from app.queue import send_job
 from app.tables import Job
 
@@ -42,7 +43,7 @@ def _claim_lost_messages(session: Session, settings: Settings, now: datetime) ->
     rows = session.execute(
         update(Job)
         .where(
-            Job.status == "queued",
+            Job.status == JobStatus.QUEUED,
             or_(
                 Job.enqueued_at < stale_send,
                 and_(Job.enqueued_at.is_(None), Job.created_at < never_sent),
@@ -58,7 +59,8 @@ def _claim_lost_messages(session: Session, settings: Settings, now: datetime) ->
 def _stale_running(settings: Settings, now: datetime) -> ColumnElement[bool]:
     cutoff = now - timedelta(seconds=settings.job_heartbeat_timeout_s)
     return and_(
-        Job.status == "running", func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at) < cutoff
+        Job.status == JobStatus.RUNNING,
+        func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at) < cutoff,
     )
 
 
@@ -69,7 +71,7 @@ def _recover_lost_workers(
     cancelled = session.execute(
         update(Job)
         .where(stale, Job.cancel_requested.is_(True))
-        .values(status="cancelled", finished_at=now)
+        .values(status=JobStatus.CANCELLED, finished_at=now)
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).scalars()
@@ -78,7 +80,7 @@ def _recover_lost_workers(
         update(Job)
         .where(stale, Job.attempts >= Job.max_attempts)
         .values(
-            status="failed",
+            status=JobStatus.FAILED,
             finished_at=now,
             error={
                 "type": "worker-lost",
@@ -92,7 +94,7 @@ def _recover_lost_workers(
     requeued = session.execute(
         update(Job)
         .where(stale, Job.attempts < Job.max_attempts)
-        .values(status="queued", worker=None, heartbeat_at=None, enqueued_at=now)
+        .values(status=JobStatus.QUEUED, worker=None, heartbeat_at=None, enqueued_at=now)
         .returning(Job.id, Job.kind)
         .execution_options(synchronize_session=False)
     ).all()
@@ -134,7 +136,7 @@ def _release_send_claim(settings: Settings, job_id: uuid.UUID, claimed_at: datet
     with session_scope(settings.database_url) as session:
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "queued", Job.enqueued_at == claimed_at)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.enqueued_at == claimed_at)
             .values(enqueued_at=None)
             .execution_options(synchronize_session=False)
         )

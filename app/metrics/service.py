@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.jobs.params import JOB_KINDS, JOB_STATUSES
+from app.domain import EvaluationSplit, FeedbackSplit, JobKind, JobStatus
 from app.metrics.schemas import (
     ActiveModelSummary,
     ComparedEvaluations,
@@ -22,9 +22,9 @@ from app.models.schemas import EvaluationOut
 from app.splits import SPLIT_NAMES
 from app.tables import Evaluation, Face, FaceEmbedding, FeedbackPair, Job, ModelVersion
 
-FEEDBACK_SPLITS = (*SPLIT_NAMES, "regression")
+FEEDBACK_SPLITS = (*SPLIT_NAMES, FeedbackSplit.REGRESSION)
 LABELS = ("1", "0")
-COMPARED_SPLITS = ("test", "regression")
+COMPARED_SPLITS = (EvaluationSplit.TEST, EvaluationSplit.REGRESSION)
 
 
 def _zeros(keys: Iterable[str]) -> dict[str, int]:
@@ -62,13 +62,13 @@ def face_counts(session: Session, active_model_id: uuid.UUID | None) -> FaceCoun
 
 
 def job_counts(session: Session) -> JobCounts:
-    by_status = _zeros(JOB_STATUSES)
-    by_kind_status = {kind: _zeros(JOB_STATUSES) for kind in JOB_KINDS}
+    by_status = _zeros(JobStatus)
+    by_kind_status = {kind: _zeros(JobStatus) for kind in JobKind}
     for kind, status, count in session.execute(
         select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
     ):
         by_status[status] = by_status.get(status, 0) + count
-        by_kind_status.setdefault(kind, _zeros(JOB_STATUSES))[status] += count
+        by_kind_status.setdefault(kind, _zeros(JobStatus))[status] += count
     return JobCounts(total=sum(by_status.values()), by_status=by_status, by_kind_status=by_kind_status)
 
 
@@ -110,7 +110,10 @@ def _as_uuid(value: Any) -> uuid.UUID | None:
 
 def latest_finetune(session: Session) -> FinetuneSummary | None:
     job = session.scalars(
-        select(Job).where(Job.kind == "finetune").order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
+        select(Job)
+        .where(Job.kind == JobKind.FINETUNE)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(1)
     ).first()
     if job is None:
         return None

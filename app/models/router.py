@@ -13,17 +13,15 @@ from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore
 from app.deps import PageDep, SessionDep, SettingsDep
+from app.domain import Architecture, ModelStatus, parse
 from app.models import service
 from app.models.schemas import (
-    ARCHITECTURES,
     ActivationOut,
     ActivationRequest,
     ActivationResult,
-    Architecture,
     EvaluationOut,
     ModelOut,
     ModelRegistered,
-    ModelStatus,
     ValidationJobOut,
 )
 from app.pagination import Page
@@ -38,7 +36,7 @@ MAX_NAME_CHARS = 256
 _UPLOAD_BODY = multipart_body(
     "a torch.save checkpoint",
     required=("arch",),
-    arch={"type": "string", "enum": list(ARCHITECTURES)},
+    arch={"type": "string", "enum": [arch.value for arch in Architecture]},
     name={"type": "string", "maxLength": MAX_NAME_CHARS},
 )
 
@@ -63,9 +61,10 @@ def _detail(session: Session, model: ModelVersion) -> ModelOut:
     return _model_out(model, service.active_model_id(session), evaluations, validation)
 
 
-def _arch(value: str | None) -> str:
-    if value not in ARCHITECTURES:
-        message = f"Input should be one of {', '.join(ARCHITECTURES)}"
+def _arch(value: str | None) -> Architecture:
+    arch = parse(Architecture, value)
+    if arch is None:
+        message = f"Input should be one of {', '.join(Architecture)}"
         error_type = "missing" if value is None else "literal_error"
         raise Problem(
             422,
@@ -74,7 +73,7 @@ def _arch(value: str | None) -> str:
             f"body.arch: {message}",
             errors=[{"loc": ["body", "arch"], "msg": message, "type": error_type}],
         )
-    return value
+    return arch
 
 
 @router.post(

@@ -1,21 +1,18 @@
 """Model registry resources as the api shows them."""
 
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.domain import Architecture, EvaluationSplit, JobStatus, ModelStatus
 from app.schemas import UtcDatetime
-
-ARCHITECTURES = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
-Architecture = Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet"]
-ModelStatus = Literal["validating", "ready", "invalid"]
 
 
 class EvaluationOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
-    split: str
+    split: EvaluationSplit
     pairs_sha256: str
     pair_count: int
     threshold: float | None
@@ -30,7 +27,7 @@ class ValidationJobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
-    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    status: JobStatus
     error: dict[str, Any] | None = Field(None, description="why the job failed, as problem fields")
 
 
@@ -39,7 +36,7 @@ class ModelOut(BaseModel):
 
     id: uuid.UUID
     name: str | None
-    arch: str
+    arch: Architecture
     status: ModelStatus
     status_reason: str | None
     sha256: str

@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
 from app.config import Settings
-from app.jobs import service as jobs_service
+from app.domain import Architecture, JobKind, ModelStatus
+from app.jobs.params import ReindexParams, ValidateModelParams
+from app.jobs.submission import add_job
 from app.models.checkpoint_keys import KeysUnreadable, checkpoint_shapes, compare, fitting_arch
 from app.models.checkpoint_scan import CheckpointRejected, scan_checkpoint
 from app.pagination import PageParams, fetch_page
@@ -50,7 +52,7 @@ def get_model_row(session: Session, model_id: uuid.UUID | str) -> ModelVersion:
 
 def require_ready_model(session: Session, model_id: uuid.UUID | str) -> ModelVersion:
     model = get_model_row(session, model_id)
-    if model.status != "ready":
+    if model.status != ModelStatus.READY:
         reason = f": {model.status_reason}" if model.status_reason else ""
         raise Problem(
             409,
@@ -109,7 +111,7 @@ def validation_jobs_by_model(session: Session, model_ids: list[uuid.UUID]) -> di
     named = Job.params["model"].as_string()
     statement = (
         select(named, Job)
-        .where(Job.kind == "validate_model", named.in_(list(wanted)))
+        .where(Job.kind == JobKind.VALIDATE_MODEL, named.in_(list(wanted)))
         .order_by(Job.created_at.desc(), Job.id.desc())
     )
     found: dict[uuid.UUID, Job] = {}
@@ -144,7 +146,7 @@ class Registration:
     validation_job: Job | None
 
 
-def _registered(session: Session, sha256: str, arch: str) -> ModelVersion | None:
+def _registered(session: Session, sha256: str, arch: Architecture) -> ModelVersion | None:
     statement = (
         select(ModelVersion)
         .where(ModelVersion.sha256 == sha256, ModelVersion.arch == arch)
@@ -158,7 +160,7 @@ def _sha_in_use(session: Session, sha256: str) -> bool:
     return bool(session.scalar(select(func.count()).where(ModelVersion.sha256 == sha256)))
 
 
-def _check_architecture(path: Path, arch: str) -> None:
+def _check_architecture(path: Path, arch: Architecture) -> None:
     """Refuse a checkpoint whose tensors do not fit `arch`, naming the one they fit.
 
     A layout the torch-free reader does not know is let through: the worker's strict load decides then.
@@ -188,7 +190,7 @@ def register_model(
     settings: Settings,
     store: BlobStore,
     blob: StagedBlob,
-    arch: str,
+    arch: Architecture,
     name: str | None = None,
 ) -> Registration:
     """Keep an uploaded checkpoint as a `validating` model and queue its strict load by the worker.
@@ -226,12 +228,15 @@ def register_model(
     blob.commit()
     try:
         model = ModelVersion(
-            name=name or None, arch=arch, status="validating", sha256=sha, byte_size=blob.size
+            name=name or None, arch=arch, status=ModelStatus.VALIDATING, sha256=sha, byte_size=blob.size
         )
         session.add(model)
         session.flush()
-        job = jobs_service.create_job(
-            session=session, settings=settings, kind="validate_model", params={"model": str(model.id)}
+        job = add_job(
+            session=session,
+            settings=settings,
+            kind=JobKind.VALIDATE_MODEL,
+            params=ValidateModelParams(model=model.id),
         )
         session.commit()
     except BaseException:
@@ -278,11 +283,11 @@ def activate(
     )
     session.add(activation)
     session.flush()
-    reindex = jobs_service.create_job(
+    reindex = add_job(
         session=session,
         settings=settings,
-        kind="reindex",
-        params={"model": str(model.id)},
+        kind=JobKind.REINDEX,
+        params=ReindexParams(model=model.id),
         parent_job_id=job_id,
     )
     return ActivationOutcome(activation, reindex)

@@ -19,7 +19,7 @@ def store(settings: Settings) -> BlobStore:
 @pytest.fixture
 def sent_jobs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[uuid.UUID, str]]:
     """(job id, kind) of every job sent to the broker after its commit, instead of sending it."""
-    from app.jobs import service as jobs_service
+    from app.jobs import submission
 
     sent: list[tuple[uuid.UUID, str]] = []
 
@@ -27,5 +27,5 @@ def sent_jobs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[uuid.UUID, str]]:
         sent.append((job_id, kind))
         return True
 
-    monkeypatch.setattr(jobs_service, "try_enqueue_job", capture)
+    monkeypatch.setattr(submission, "try_enqueue_job", capture)
     return sent

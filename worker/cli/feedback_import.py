@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.domain import FeedbackSplit
 from worker.cli.api_client import ApiClient, ApiRefused
 from worker.cli.output import CommandError
 
@@ -127,7 +128,7 @@ def import_feedback(
     images = sorted({image for pair in pairs for image in (pair.image1, pair.image2)})
     client = ApiClient(api_url, timeout_s)
     face_ids, face_counts, rejections = upload_faces(client, images, source=source)
-    split = "regression" if regression else None
+    split = FeedbackSplit.REGRESSION if regression else None
     items: list[dict[str, Any]] = []
     rows: list[int] = []
     skipped = {"same_face": 0, "bad_image": 0}

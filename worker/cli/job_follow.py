@@ -6,9 +6,10 @@ import sys
 import time
 from typing import Any
 
+from app.domain import FINISHED_JOB_STATUSES
 from worker.cli.api_client import ApiClient
 
-FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+FINISHED = FINISHED_JOB_STATUSES
 
 
 def follow_job(client: ApiClient, job_id: str, *, poll_interval_s: float, quiet: bool) -> dict[str, Any]:

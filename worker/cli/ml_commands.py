@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.splits import DEFAULT_SPLIT_FRACTIONS
+from app.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES
 from worker.cli import output
 from worker.cli.offline import (
     IMAGE_SUFFIXES,
@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "split", parents=[common], help="split a pairs file into train/val/test per image"
     )
     p.add_argument("--input", type=Path, required=True)
-    for name in ("train", "val", "test"):
+    for name in SPLIT_NAMES:
         p.add_argument(f"--{name}-output", type=Path, required=True)
     for name, default in DEFAULT_SPLIT_FRACTIONS.items():
         p.add_argument(f"--{name}-fraction", type=_finite(float), default=default, help=f"default {default}")

@@ -20,6 +20,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from app.domain import Architecture
 from worker.cli import output
 
 PEOPLE = 3
@@ -142,7 +143,7 @@ def _check_backbones(workspace: _Workspace) -> str:
         if tuple(embedding.shape) != expected or not torch.isfinite(embedding).all():
             raise AssertionError(f"{arch} gave {tuple(embedding.shape)}, expected {expected}")
         sizes.append(f"{arch} {embedding.shape[1]}-d")
-        if arch in ("iresnet18", "mobilefacenet"):
+        if arch in (Architecture.IRESNET18, Architecture.MOBILEFACENET):
             workspace.models[arch] = model
     return ", ".join(sizes)
 
@@ -153,11 +154,11 @@ def _check_checkpoint(workspace: _Workspace) -> str:
     from app.durable import file_digest
     from worker.ml.checkpoints import CheckpointError, load_backbone, save_checkpoint
 
-    for arch in ("iresnet18", "mobilefacenet"):
+    for arch in (Architecture.IRESNET18.value, Architecture.MOBILEFACENET.value):
         model = workspace.models.get(arch)
         if model is None:
             raise _Skipped(f"skipped: the backbones check did not build {arch}")
-        if arch == "mobilefacenet":
+        if arch == Architecture.MOBILEFACENET:
             _settle_batch_norm(model, workspace.need("faces"))
         path = workspace.root / f"{arch}.pth"
         sha256 = save_checkpoint(path, model, arch=arch, epoch=0, metadata={"selftest": True})
@@ -171,9 +172,9 @@ def _check_checkpoint(workspace: _Workspace) -> str:
             raise AssertionError(f"{arch} metadata lost: {loaded.metadata}")
     workspace.files["parent"] = workspace.root / "mobilefacenet.pth"
     try:
-        load_backbone(workspace.files["parent"], "iresnet50")
+        load_backbone(workspace.files["parent"], Architecture.IRESNET50)
     except CheckpointError as exc:
-        if exc.suggested_arch != "mobilefacenet":
+        if exc.suggested_arch != Architecture.MOBILEFACENET:
             raise AssertionError(f"a wrong-architecture load did not point at mobilefacenet: {exc}") from exc
     else:
         raise AssertionError("a MobileFaceNet checkpoint loaded as iresnet50")
@@ -198,7 +199,7 @@ def _settle_batch_norm(model: Any, faces: Path) -> None:
         norm.momentum = None  # a cumulative average: one batch sets the statistics
     model.train()
     with torch.no_grad():
-        model(to_model_input(pixels, preprocess_spec_for("mobilefacenet")))
+        model(to_model_input(pixels, preprocess_spec_for(Architecture.MOBILEFACENET)))
     model.eval()
     for norm in norms:
         norm.momentum = 0.1

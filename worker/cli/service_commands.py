@@ -286,20 +286,25 @@ def _register_reindex(subparsers: argparse._SubParsersAction) -> None:
 
 def run_reindex(args: argparse.Namespace) -> int:
     """Exit 0 when the job was queued (or, with --wait, succeeded), 1 when it failed, 2 when refused."""
+    from app.domain import JobKind, JobStatus
     from worker.cli.api_client import ApiClient, ApiRefused
     from worker.cli.job_follow import follow_job
 
     client = ApiClient(args.api, args.timeout)
     params = {"model": args.model} if args.model else {}
     try:
-        _status, job = client.post_json("/v1/jobs", {"kind": "reindex", "params": params})
+        _status, job = client.post_json("/v1/jobs", {"kind": JobKind.REINDEX, "params": params})
         if args.wait:
             job = follow_job(client, job["id"], poll_interval_s=args.poll_interval, quiet=args.json)
     except (ApiRefused, CommandError) as exc:
         error(args.command, str(exc))
         return EXIT_BAD_INPUT
     emit(job, as_json=args.json, render=_render_job)
-    return EXIT_OK if job["status"] in {"queued", "running", "succeeded"} else EXIT_FAILED
+    return (
+        EXIT_OK
+        if job["status"] in {JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED}
+        else EXIT_FAILED
+    )
 
 
 def _render_job(job: dict[str, Any]) -> str:

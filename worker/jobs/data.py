@@ -19,14 +19,16 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import domain
 from app.blobs import BlobStore
+from app.splits import SPLIT_NAMES
 from app.tables import Face, FeedbackPair
 from worker.ml.pairs import IndexedPairs
 from worker.ml.preprocessing import ImageDecodeError, decode_image
 from worker.runtime import JobFailed
 
-REGRESSION = "regression"
-PAIR_SETS: tuple[str, ...] = ("train", "val", "test", REGRESSION)
+REGRESSION: str = domain.FeedbackSplit.REGRESSION.value
+PAIR_SETS: tuple[str, ...] = tuple(split.value for split in domain.PAIR_SETS)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def load_feedback(session: Session) -> FeedbackSets:
     regression_faces = frozenset(face for row in by_split[REGRESSION] for face in (row.face_a, row.face_b))
     pairs = {REGRESSION: by_split[REGRESSION]}
     excluded: dict[str, int] = {}
-    for name in ("train", "val", "test"):
+    for name in SPLIT_NAMES:
         kept = [
             r for r in by_split[name] if r.face_a not in regression_faces and r.face_b not in regression_faces
         ]

@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from app.blobs import StoredBlob
+from app.domain import ModelStatus
 from app.problems import Problem
 from app.tables import ModelVersion, utcnow
 from worker.jobs import gate
@@ -152,7 +153,7 @@ def _register(
         row = ModelVersion(
             name=f"{parent.name or parent.arch} fine-tune {str(ctx.job.id)[:8]}",
             arch=parent.arch,
-            status="ready",
+            status=ModelStatus.READY,
             sha256=blob.sha256,
             byte_size=blob.size,
             embedding_size=parent_row.embedding_size if parent_row else None,

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from sqlalchemy import update
 
+from app.domain import ModelStatus
 from app.tables import ModelVersion, utcnow
 from worker.jobs.registry import checkpoint_path
 from worker.ml.backbones import embedding_size
 from worker.ml.checkpoints import CheckpointError, LoadedBackbone, load_backbone
-from worker.ml.preprocessing import PreprocessSpec, preprocess_spec_for
+from worker.ml.preprocessing import PreprocessSpec, model_preprocess_spec
 from worker.runtime import JobContext, JobFailed
 
 
@@ -49,16 +50,6 @@ def _threshold(metadata: dict[str, Any]) -> float | None:
     return None
 
 
-def _spec(metadata: dict[str, Any], arch: str) -> PreprocessSpec:
-    stored = metadata.get("preprocess")
-    if isinstance(stored, dict):
-        try:
-            return PreprocessSpec.from_dict(stored)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"the checkpoint's preprocess metadata is not usable ({exc})") from None
-    return preprocess_spec_for(arch)
-
-
 def _mark(ctx: JobContext, model_id: uuid.UUID, **values: Any) -> None:
     with ctx.session() as session:
         session.execute(
@@ -81,17 +72,17 @@ def run(ctx: JobContext) -> dict[str, Any]:
         loaded = load_backbone(checkpoint_path(ctx.settings, sha256), arch)
         if loaded.sha256 != sha256:
             raise CheckpointError(f"the stored file's sha256 is {loaded.sha256}, not the registered {sha256}")
-        spec = _spec(loaded.metadata, arch)
+        spec = model_preprocess_spec(arch, loaded.metadata.get("preprocess"))
         size = _smoke_test(loaded, spec)
     except ValueError as exc:  # CheckpointError, or an architecture the loader does not know
-        _mark(ctx, model_id, status="invalid", status_reason=str(exc))
+        _mark(ctx, model_id, status=ModelStatus.INVALID, status_reason=str(exc))
         raise JobFailed("invalid-checkpoint", "Invalid checkpoint", str(exc)) from exc
     threshold = _threshold(loaded.metadata)
     found = {"threshold": threshold} if threshold is not None else {}
     _mark(
         ctx,
         model_id,
-        status="ready",
+        status=ModelStatus.READY,
         status_reason=None,
         embedding_size=size,
         preprocess=spec.to_dict(),
@@ -99,7 +90,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     )
     return {
         "model_id": str(model_id),
-        "status": "ready",
+        "status": ModelStatus.READY,
         "arch": arch,
         "sha256": sha256,
         "embedding_size": size,

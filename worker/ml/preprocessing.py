@@ -39,13 +39,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from app.domain import Architecture
+
 ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")  # JPEG covers MPO
 MAX_PIXELS = 40_000_000
 DEFAULT_SIZE = 112
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_IRESNETS = frozenset({"iresnet18", "iresnet34", "iresnet50", "iresnet100"})
+_IRESNETS = frozenset(arch.value for arch in Architecture if arch.is_iresnet)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
@@ -93,10 +95,25 @@ def preprocess_spec_for(arch: str) -> PreprocessSpec:
     """The preprocessing a backbone was trained with (DESIGN §5)."""
     if arch in _IRESNETS:
         return PreprocessSpec(channel_order="BGR", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    if arch == "mobilefacenet":
+    if arch == Architecture.MOBILEFACENET:
         return PreprocessSpec(channel_order="RGB", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    known = ", ".join(sorted(_IRESNETS | {"mobilefacenet"}))
+    known = ", ".join(sorted(arch.value for arch in Architecture))
     raise ValueError(f"no preprocessing known for architecture {arch!r} (known: {known})")
+
+
+def model_preprocess_spec(arch: str, recorded: object = None) -> PreprocessSpec:
+    """A model's preprocessing: the spec its checkpoint or registry row records, else its architecture's.
+
+    The one rule for every reader (job, validation, CLI), so a model is never fed differently by two paths.
+    A recorded spec that cannot be used is a ValueError, never silently replaced by the default; anything
+    other than a non-empty mapping means none was recorded.
+    """
+    if not isinstance(recorded, Mapping) or not recorded:
+        return preprocess_spec_for(arch)
+    try:
+        return PreprocessSpec.from_dict(recorded)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"the recorded preprocess metadata is not usable ({exc})") from None
 
 
 class ImageDecodeError(ValueError):

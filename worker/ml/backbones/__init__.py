@@ -8,17 +8,20 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from app.domain import Architecture
+
 if TYPE_CHECKING:
     from torch import nn
 
-ARCHITECTURES: tuple[str, ...] = ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "mobilefacenet")
+# Plain strings, in declaration order: they name modules' builders and appear in messages as they are.
+ARCHITECTURES: tuple[str, ...] = tuple(arch.value for arch in Architecture)
 
 _EMBEDDING_SIZES = {
-    "iresnet18": 512,
-    "iresnet34": 512,
-    "iresnet50": 512,
-    "iresnet100": 512,
-    "mobilefacenet": 128,
+    Architecture.IRESNET18: 512,
+    Architecture.IRESNET34: 512,
+    Architecture.IRESNET50: 512,
+    Architecture.IRESNET100: 512,
+    Architecture.MOBILEFACENET: 128,
 }
 
 

@@ -2,6 +2,7 @@
 
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -10,11 +11,13 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
+    MetaData,
     String,
     Text,
     UniqueConstraint,
@@ -23,6 +26,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from app.domain import (
+    Architecture,
+    EvaluationSplit,
+    FaceSplit,
+    FeedbackSplit,
+    JobKind,
+    JobStatus,
+    ModelStatus,
+    sql_in,
+)
+
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
 
@@ -30,7 +44,36 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def enum_type(enum: type[StrEnum], length: int) -> Enum:
+    """A VARCHAR(length) column that reads back as `enum` members and stores their lowercase values.
+
+    Not a native enum and no implicit CHECK: the schema stays plain strings, with CHECK constraints named
+    and written out in `__table_args__` (so the migrations can add and drop them by name). Unknown strings
+    pass through unvalidated on the way in, so filtering by one finds nothing instead of raising.
+    """
+    return Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=length,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=False,
+    )
+
+
+# Every constraint and index gets a predictable name, so a migration can drop or alter it by that name
+# (SQLite's batch mode cannot find an unnamed one). An explicit CHECK name is the suffix after the table's.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
 class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {  # noqa: RUF012
         datetime: DateTime(timezone=True),
         dict[str, Any]: JsonType,
@@ -50,12 +93,15 @@ class Face(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     channels: Mapped[int] = mapped_column(Integer)
-    split: Mapped[str] = mapped_column(String(16))
+    split: Mapped[FaceSplit] = mapped_column(enum_type(FaceSplit, 16))
     subject: Mapped[str | None] = mapped_column(String(256))
     source: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (Index("ix_faces_created_at_id", "created_at", "id"),)
+    __table_args__ = (
+        CheckConstraint(sql_in("split", FaceSplit), name="split"),
+        Index("ix_faces_created_at_id", "created_at", "id"),
+    )
 
 
 class FeedbackPair(Base):
@@ -67,15 +113,16 @@ class FeedbackPair(Base):
     face_a: Mapped[uuid.UUID] = mapped_column(ForeignKey("faces.id", ondelete="CASCADE"))
     face_b: Mapped[uuid.UUID] = mapped_column(ForeignKey("faces.id", ondelete="CASCADE"))
     label: Mapped[int] = mapped_column(Integer)
-    split: Mapped[str] = mapped_column(String(16))
+    split: Mapped[FeedbackSplit] = mapped_column(enum_type(FeedbackSplit, 16))
     annotator: Mapped[str | None] = mapped_column(String(256))
     source: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (
         UniqueConstraint("face_a", "face_b", name="uq_feedback_pair"),
-        CheckConstraint("label IN (0, 1)", name="ck_feedback_label"),
-        CheckConstraint("face_a <> face_b", name="ck_feedback_distinct_faces"),
+        CheckConstraint("label IN (0, 1)", name="label"),
+        CheckConstraint("face_a <> face_b", name="distinct_faces"),
+        CheckConstraint(sql_in("split", FeedbackSplit), name="split"),
         Index("ix_feedback_face_b", "face_b"),
         Index("ix_feedback_split_label", "split", "label"),
         Index("ix_feedback_created_at_id", "created_at", "id"),
@@ -101,8 +148,8 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    kind: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    kind: Mapped[JobKind] = mapped_column(enum_type(JobKind, 32))
+    status: Mapped[JobStatus] = mapped_column(enum_type(JobStatus, 16), default=JobStatus.QUEUED)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
@@ -119,9 +166,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
 
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="ck_jobs_status"
-        ),
+        CheckConstraint(sql_in("status", JobStatus), name="status"),
+        CheckConstraint(sql_in("kind", JobKind), name="kind"),
         Index("ix_jobs_status_kind", "status", "kind"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
     )
@@ -134,8 +180,8 @@ class ModelVersion(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     name: Mapped[str | None] = mapped_column(String(256))
-    arch: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default="validating")
+    arch: Mapped[Architecture] = mapped_column(enum_type(Architecture, 32))
+    status: Mapped[ModelStatus] = mapped_column(enum_type(ModelStatus, 16), default=ModelStatus.VALIDATING)
     status_reason: Mapped[str | None] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
     byte_size: Mapped[int] = mapped_column(BigInteger)
@@ -150,7 +196,8 @@ class ModelVersion(Base):
     validated_at: Mapped[datetime | None] = mapped_column()
 
     __table_args__ = (
-        CheckConstraint("status IN ('validating', 'ready', 'invalid')", name="ck_models_status"),
+        CheckConstraint(sql_in("status", ModelStatus), name="status"),
+        CheckConstraint(sql_in("arch", Architecture), name="arch"),
         Index("ix_models_created_at_id", "created_at", "id"),
         Index("ix_models_sha256", "sha256"),
     )
@@ -164,14 +211,17 @@ class Evaluation(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
-    split: Mapped[str] = mapped_column(String(16))
+    split: Mapped[EvaluationSplit] = mapped_column(enum_type(EvaluationSplit, 16))
     pairs_sha256: Mapped[str] = mapped_column(String(64))
     pair_count: Mapped[int] = mapped_column(Integer)
     threshold: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (Index("ix_evaluations_model_id", "model_id"),)
+    __table_args__ = (
+        CheckConstraint(sql_in("split", EvaluationSplit), name="split"),
+        Index("ix_evaluations_model_id", "model_id"),
+    )
 
 
 class FaceEmbedding(Base):

@@ -5,7 +5,8 @@ Revises:
 Create Date: 2026-11-28 18:07:27.736771
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from alembic import op
@@ -20,7 +21,30 @@ depends_on: str | Sequence[str] | None = None
 JSON_TYPE = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
 
 
+@contextmanager
+def _without_naming_convention() -> Iterator[None]:
+    """Build the constraints exactly as this revision always has: unnamed ones named by the server.
+
+    Alembic names a migration's unnamed constraints by the naming convention of the target metadata, which
+    app/tables.py gained after this revision. Databases this revision built before then have the server's
+    names (PostgreSQL's `feedback_face_a_fkey`, none on SQLite), and 2026_11_29_0002 renames those: this
+    revision must keep producing them, whatever the metadata says today.
+    """
+    opts = op.get_context().opts
+    target_metadata = opts.pop("target_metadata", None)
+    try:
+        yield
+    finally:
+        if target_metadata is not None:
+            opts["target_metadata"] = target_metadata
+
+
 def upgrade() -> None:
+    with _without_naming_convention():
+        _create_tables()
+
+
+def _create_tables() -> None:
     op.create_table(
         "faces",
         sa.Column("id", sa.Uuid(), nullable=False),

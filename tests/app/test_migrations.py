@@ -1,22 +1,39 @@
 """The Alembic migrations build exactly the schema of app/tables.py, on PostgreSQL and SQLite, and undo it."""
 
+import re
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, pool
+from sqlalchemy import (
+    CheckConstraint,
+    Engine,
+    ForeignKeyConstraint,
+    PrimaryKeyConstraint,
+    UniqueConstraint,
+    create_engine,
+    insert,
+    inspect,
+    pool,
+    select,
+)
 
 from app import migrate
 from app.config import get_settings
-from app.tables import Base
+from app.tables import Base, Face, FeedbackPair, Job
 
 CHECK_CONSTRAINTS = {
-    "feedback": {"ck_feedback_label", "ck_feedback_distinct_faces"},
-    "jobs": {"ck_jobs_status"},
-    "models": {"ck_models_status"},
+    "faces": {"ck_faces_split"},
+    "feedback": {"ck_feedback_label", "ck_feedback_distinct_faces", "ck_feedback_split"},
+    "jobs": {"ck_jobs_status", "ck_jobs_kind"},
+    "models": {"ck_models_status", "ck_models_arch"},
+    "evaluations": {"ck_evaluations_split"},
 }
+BEFORE_NAMED_CONSTRAINTS = "2026_11_28_0001"
 
 
 @pytest.fixture
@@ -62,6 +79,73 @@ def check_constraints(url: str) -> dict[str, set[str]]:
         engine.dispose()
 
 
+def _quoted(sql: str) -> set[str]:
+    """The quoted literals of a CHECK condition, however the server re-renders it (casts, ANY(ARRAY[...]))."""
+    return set(re.findall(r"'([^']*)'", sql))
+
+
+def declared_constraints() -> dict[str, dict[str, set[str]]]:
+    """Per table and kind, the constraint names app/tables.py declares (under its naming convention)."""
+    kinds = {
+        PrimaryKeyConstraint: "primary",
+        ForeignKeyConstraint: "foreign",
+        UniqueConstraint: "unique",
+        CheckConstraint: "check",
+    }
+    declared: dict[str, dict[str, set[str]]] = {}
+    for table in Base.metadata.sorted_tables:
+        named = declared.setdefault(table.name, {kind: set() for kind in kinds.values()})
+        for constraint in table.constraints:
+            named[kinds[type(constraint)]].add(str(constraint.name))
+    return declared
+
+
+def migrated_constraints(url: str) -> dict[str, dict[str, set[str]]]:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            inspector = inspect(connection)
+            return {
+                table.name: {
+                    "primary": {str(inspector.get_pk_constraint(table.name)["name"])},
+                    "foreign": {str(fk["name"]) for fk in inspector.get_foreign_keys(table.name)},
+                    "unique": {str(uq["name"]) for uq in inspector.get_unique_constraints(table.name)},
+                    "check": {str(ck["name"]) for ck in inspector.get_check_constraints(table.name)},
+                }
+                for table in Base.metadata.sorted_tables
+            }
+    finally:
+        engine.dispose()
+
+
+def check_values(url: str) -> dict[str, set[str]]:
+    """The values each CHECK constraint of the database allows, by constraint name."""
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            inspector = inspect(connection)
+            return {
+                check["name"]: _quoted(check["sqltext"])
+                for table in CHECK_CONSTRAINTS
+                for check in inspector.get_check_constraints(table)
+            }
+    finally:
+        engine.dispose()
+
+
+def assert_migrated_schema_is_declared(url: str) -> None:
+    assert schema_differences(url) == []
+    # compare_metadata looks at neither constraint names nor CHECK constraints: both are compared here.
+    assert migrated_constraints(url) == declared_constraints()
+    declared_checks = {
+        str(check.name): _quoted(str(check.sqltext))
+        for table in Base.metadata.sorted_tables
+        for check in table.constraints
+        if isinstance(check, CheckConstraint)
+    }
+    assert check_values(url) == declared_checks
+
+
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])
 def test_upgrade_builds_the_declared_schema_and_downgrade_removes_it(
     database: str, request: pytest.FixtureRequest
@@ -75,12 +159,95 @@ def test_upgrade_builds_the_declared_schema_and_downgrade_removes_it(
     assert table_names(url) == {table.name for table in Base.metadata.sorted_tables} | {"alembic_version"}
     # compare_metadata does not look at CHECK constraints: they are checked by name.
     assert check_constraints(url) == CHECK_CONSTRAINTS
+    assert_migrated_schema_is_declared(url)
 
     migrate.downgrade_database(url)
     assert table_names(url) == {"alembic_version"}
 
     migrate.upgrade_database(url)
     assert schema_differences(url) == []
+    assert_migrated_schema_is_declared(url)
+
+
+def _insert_rows(engine: Engine) -> dict[str, uuid.UUID]:
+    now = datetime.now(UTC)
+    ids = {"a": uuid.uuid4(), "b": uuid.uuid4(), "pair": uuid.uuid4(), "job": uuid.uuid4()}
+    face = {"byte_size": 1, "media_type": "image/png", "width": 1, "height": 1, "channels": 3}
+    with engine.begin() as connection:
+        for key in ("a", "b"):
+            values = {"id": ids[key], "sha256": key * 64, "split": "train", "created_at": now, **face}
+            connection.execute(insert(Face.__table__).values(**values))
+        face_a, face_b = sorted((ids["a"], ids["b"]))
+        connection.execute(
+            insert(FeedbackPair.__table__).values(
+                id=ids["pair"], face_a=face_a, face_b=face_b, label=1, split="train", created_at=now
+            )
+        )
+        connection.execute(
+            insert(Job.__table__).values(
+                id=ids["job"],
+                kind="reindex",
+                status="queued",
+                params={},
+                attempts=0,
+                max_attempts=3,
+                cancel_requested=False,
+                created_at=now,
+            )
+        )
+    return ids
+
+
+def _stored(engine: Engine) -> dict[str, set[uuid.UUID]]:
+    with engine.connect() as connection:
+        return {
+            "faces": set(connection.scalars(select(Face.__table__.c.id))),
+            "feedback": set(connection.scalars(select(FeedbackPair.__table__.c.id))),
+            "jobs": set(connection.scalars(select(Job.__table__.c.id))),
+        }
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_the_naming_revision_goes_down_and_up_again_keeping_every_row(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(f"empty_{database}_url")
+    migrate.upgrade_database(url)
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        ids = _insert_rows(engine)
+        expected = {"faces": {ids["a"], ids["b"]}, "feedback": {ids["pair"]}, "jobs": {ids["job"]}}
+
+        migrate.downgrade_database(url, BEFORE_NAMED_CONSTRAINTS)
+        assert _stored(engine) == expected
+        assert check_constraints(url)["jobs"] == {"ck_jobs_status"}
+        if database == "postgresql":  # back to the names the server gave the initial schema
+            assert migrated_constraints(url)["feedback"]["foreign"] == {
+                "feedback_face_a_fkey",
+                "feedback_face_b_fkey",
+            }
+
+        migrate.upgrade_database(url)
+        assert _stored(engine) == expected
+    finally:
+        engine.dispose()
+    assert_migrated_schema_is_declared(url)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_database_built_before_the_naming_convention_is_brought_to_it(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(f"empty_{database}_url")
+    migrate.upgrade_database(url, BEFORE_NAMED_CONSTRAINTS)
+    before = migrated_constraints(url)
+    # What the initial revision has always built: keys named by the server (PostgreSQL) or not at all.
+    expected_fk = {"feedback_face_a_fkey", "feedback_face_b_fkey"} if database == "postgresql" else {"None"}
+    assert before["feedback"]["foreign"] == expected_fk
+
+    migrate.upgrade_database(url)
+
+    assert_migrated_schema_is_declared(url)
 
 
 def test_upgrading_twice_changes_nothing(empty_sqlite_url: str) -> None:

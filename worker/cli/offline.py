@@ -354,10 +354,9 @@ def load_model(path: Path, arch: str | None) -> LoadedBackbone:
 
 def model_spec(loaded: LoadedBackbone) -> PreprocessSpec:
     """The preprocessing stored with a fine-tuned checkpoint, else the architecture's own."""
-    from worker.ml.preprocessing import PreprocessSpec, preprocess_spec_for
+    from worker.ml.preprocessing import model_preprocess_spec
 
-    stored = loaded.metadata.get("preprocess")
-    return PreprocessSpec.from_dict(stored) if isinstance(stored, dict) else preprocess_spec_for(loaded.arch)
+    return model_preprocess_spec(loaded.arch, loaded.metadata.get("preprocess"))
 
 
 def describe_model(path: Path, loaded: LoadedBackbone) -> Result:

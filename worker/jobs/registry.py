@@ -18,7 +18,7 @@ from worker.ml.checkpoints import CheckpointError, load_backbone
 from worker.ml.evaluation import ModelUnderTest
 from worker.ml.metrics import calibrate_threshold
 from worker.ml.pairs import IndexedPairs
-from worker.ml.preprocessing import PreprocessSpec, preprocess_spec_for
+from worker.ml.preprocessing import PreprocessSpec, model_preprocess_spec
 from worker.runtime import JobFailed
 
 
@@ -61,17 +61,14 @@ def model_row(session: Session, model_id: uuid.UUID | str | None, *, role: str =
     return row
 
 
-def spec_of(row: ModelVersion) -> PreprocessSpec:
-    return PreprocessSpec.from_dict(row.preprocess) if row.preprocess else preprocess_spec_for(row.arch)
-
-
 def load_model(settings: Settings, row: ModelVersion) -> LoadedModel:
     """Load a registered checkpoint strictly; a file that no longer loads fails the job, it is not guessed."""
     try:
         loaded = load_backbone(checkpoint_path(settings, row.sha256), row.arch)
     except CheckpointError as exc:
         raise JobFailed("invalid-checkpoint", "Invalid checkpoint", f"model {row.id}: {exc}") from exc
-    return LoadedModel(row.id, row.name, row.arch, row.sha256, row.threshold, spec_of(row), loaded.model)
+    spec = model_preprocess_spec(row.arch, row.preprocess)
+    return LoadedModel(row.id, row.name, row.arch, row.sha256, row.threshold, spec, loaded.model)
 
 
 def threshold_for(

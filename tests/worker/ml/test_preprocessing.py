@@ -18,6 +18,7 @@ from worker.ml.preprocessing import (
     ImageDecodeError,
     PreprocessSpec,
     decode_image,
+    model_preprocess_spec,
     preprocess_spec_for,
     to_model_input,
 )
@@ -57,6 +58,16 @@ def test_specs_follow_the_model() -> None:
     assert preprocess_spec_for("mobilefacenet") == PreprocessSpec("RGB", IMAGENET_MEAN, IMAGENET_STD, 112)
     with pytest.raises(ValueError, match="mobilefacenet"):
         preprocess_spec_for("resnet50")
+
+
+def test_a_model_uses_its_recorded_spec_else_its_architecture_default() -> None:
+    recorded = PreprocessSpec("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 96)
+    assert model_preprocess_spec("iresnet50", recorded.to_dict()) == recorded
+    for nothing in (None, {}, "BGR"):
+        assert model_preprocess_spec("mobilefacenet", nothing) == preprocess_spec_for("mobilefacenet")
+    for broken in ({"mean": [0, 0, 0]}, {**recorded.to_dict(), "channel_order": "GBR"}):
+        with pytest.raises(ValueError, match="recorded preprocess metadata is not usable"):
+            model_preprocess_spec("iresnet50", broken)
 
 
 def test_spec_round_trips_through_json() -> None:

@@ -1,4 +1,4 @@
-"""The service commands outside the end-to-end runs: `magtune sweep`, `magtune import` on bad input, help."""
+"""The service commands outside the end-to-end runs: `magtune sweep`, `magtune import` with an api, help."""
 
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ from tests.conftest import require
 from tests.e2e.services import ServiceProcess, free_port, magtune_command, service_environment
 from tests.services import SWEEP_REDIS_DB, dedicated_redis, redis_available
 from worker.cli import build_parser
-from worker.cli.feedback_import import read_seed_pairs
-from worker.cli.output import CommandError
 
 
 def _magtune(
@@ -75,56 +73,6 @@ def test_worker_defaults_to_one_job_at_a_time() -> None:
 def _write(path: Path, rows: object) -> Path:
     path.write_text(json.dumps(rows))
     return path
-
-
-def test_seed_pairs_resolve_relative_to_their_file(tmp_path: Path) -> None:
-    (tmp_path / "faces").mkdir()
-    for name in ("a.png", "b.png"):
-        (tmp_path / "faces" / name).write_bytes(b"x")
-    rows = [{"image1": "faces/a.png", "image2": "faces/b.png", "label": 1}]
-    pairs = read_seed_pairs(_write(tmp_path / "pairs.json", rows))
-    assert [(p.image1.name, p.image2.name, p.label) for p in pairs] == [("a.png", "b.png", 1)]
-    assert pairs[0].image1 == (tmp_path / "faces" / "a.png").resolve()
-
-
-def test_seed_pairs_name_every_bad_row(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(b"x")
-    (tmp_path / "b.png").write_bytes(b"y")
-    rows = [
-        {"image1": "a.png", "image2": "b.png", "label": 1},
-        {"image1": "a.png", "image2": "missing.png", "label": 0},
-        {"image1": "a.png", "image2": "b.png", "label": True},
-        {"image1": "a.png", "image2": "a.png", "label": 1},
-        {"image1": "a.png", "label": 1},
-    ]
-    with pytest.raises(CommandError) as caught:
-        read_seed_pairs(_write(tmp_path / "pairs.json", rows))
-    message = str(caught.value)
-    assert "4 bad rows" in message
-    for row in (2, 3, 4, 5):
-        assert f"row {row}:" in message
-    assert "row 1:" not in message
-
-
-def test_import_sends_nothing_when_a_row_is_bad(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(b"x")
-    rows = [{"image1": "a.png", "image2": "gone.png", "label": 1}]
-    done = _magtune(
-        "import", str(_write(tmp_path / "p.json", rows)), "--api", "http://127.0.0.1:9", cwd=tmp_path
-    )
-    assert done.returncode == 2
-    assert "row 1: image2 gone.png not found" in done.stderr
-    assert "cannot reach" not in done.stderr
-
-
-def test_import_says_when_the_api_is_unreachable(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(b"x")
-    (tmp_path / "b.png").write_bytes(b"y")
-    rows = [{"image1": "a.png", "image2": "b.png", "label": 1}]
-    api = f"http://127.0.0.1:{free_port()}"
-    done = _magtune("import", str(_write(tmp_path / "p.json", rows)), "--api", api, cwd=tmp_path)
-    assert done.returncode == 2
-    assert f"cannot reach the api at {api}" in done.stderr
 
 
 @pytest.fixture

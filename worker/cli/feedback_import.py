@@ -1,68 +1,32 @@
 """`magtune import`: a feedback file of image paths, sent to a running api as faces and pairs of face ids.
 
-Standard library only: it is a client, usable wherever the package is installed, and it loads neither torch
-nor the api. Paths stay on this machine: each image goes up as bytes under a neutral file name.
+Torch-free: it is a client, usable wherever the package is installed, and it loads neither torch nor the api.
+The file is read by `worker.ml.pair_file`, the one reader `magtune finetune` uses too, so both refuse the same
+rows. Paths stay on this machine: each image goes up as bytes under a neutral file name.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.domain import FeedbackSplit
 from worker.cli.api_client import ApiClient, ApiRefused
 from worker.cli.output import CommandError
+from worker.ml.pair_file import LabeledPair, PairFileError, read_pairs
 
 MAX_LISTED_REJECTIONS = 20
 
 
-@dataclass(frozen=True)
-class SeedPair:
-    image1: Path
-    image2: Path
-    label: int
+def read_seed_pairs(path: Path) -> list[LabeledPair]:
+    """All rows, or CommandError naming every bad row (nothing is sent when one row is wrong).
 
-
-def read_seed_pairs(path: Path) -> list[SeedPair]:
-    """All rows, or CommandError naming every bad row (nothing is sent when one row is wrong)."""
+    The file is read by the same rule as ``magtune finetune`` and the other offline commands read it.
+    """
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CommandError(f"{path}: not JSON ({exc})") from exc
-    if not isinstance(rows, list):
-        raise CommandError(f'{path}: expected a list of {{"image1", "image2", "label"}} objects')
-    pairs: list[SeedPair] = []
-    problems: list[str] = []
-    for number, row in enumerate(rows, start=1):
-        try:
-            pairs.append(_seed_pair(row, path.parent))
-        except ValueError as exc:
-            problems.append(f"row {number}: {exc}")
-    if problems:
-        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise CommandError(f"{path}: {len(problems)} bad rows: {shown}")
-    return pairs
-
-
-def _seed_pair(row: Any, folder: Path) -> SeedPair:
-    if not isinstance(row, dict) or not {"image1", "image2", "label"} <= row.keys():
-        raise ValueError('expected an object with "image1", "image2" and "label"')
-    label = row["label"]
-    if isinstance(label, bool) or label not in (0, 1):
-        raise ValueError(f"label must be 1 (same person) or 0 (different people), got {label!r}")
-    images = []
-    for key in ("image1", "image2"):
-        if not isinstance(row[key], str) or not row[key]:
-            raise ValueError(f"{key} must be a path")
-        image = (folder / row[key]).resolve()
-        if not image.is_file():
-            raise ValueError(f"{key} {row[key]} not found")
-        images.append(image)
-    if images[0] == images[1]:
-        raise ValueError("a pair of one image with itself")
-    return SeedPair(images[0], images[1], int(label))
+        return read_pairs(path).pairs
+    except PairFileError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def upload_faces(

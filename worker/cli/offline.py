@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     import torch
 
     from worker.ml.checkpoints import LoadedBackbone
-    from worker.ml.pairs import IndexedPairs, LabeledPair
+    from worker.ml.pair_file import LabeledPair
+    from worker.ml.pairs import IndexedPairs
     from worker.ml.preprocessing import ImageCache, PreprocessSpec
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -242,7 +243,7 @@ def report_names(paths: Sequence[Path]) -> list[str]:
 
 
 def split_command(args: argparse.Namespace) -> Result:
-    from worker.ml.pairs import write_pairs
+    from worker.ml.pair_file import write_pairs
     from worker.ml.splits import SPLIT_NAMES, file_digest, split_pairs, validate_split_fractions
 
     outputs: dict[str, Path] = {name: getattr(args, f"{name}_output") for name in SPLIT_NAMES}
@@ -364,7 +365,7 @@ def describe_model(path: Path, loaded: LoadedBackbone) -> Result:
 
 
 def read_pair_file(path: Path) -> list[LabeledPair]:
-    from worker.ml.pairs import read_pairs
+    from worker.ml.pair_file import read_pairs
 
     if not path.is_file():
         raise CommandError(f"{path}: pairs file not found")

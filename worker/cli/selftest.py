@@ -101,7 +101,7 @@ def _write_faces(workspace: _Workspace) -> str:
     import numpy as np
     from PIL import Image
 
-    from worker.ml.pairs import LabeledPair, write_pairs
+    from worker.ml.pair_file import LabeledPair, write_pairs
 
     rng = np.random.default_rng(0)
     faces = workspace.root / "faces"
@@ -235,7 +235,7 @@ def _check_decode(workspace: _Workspace) -> str:
 
 
 def _check_split(workspace: _Workspace) -> str:
-    from worker.ml.pairs import read_pairs
+    from worker.ml.pair_file import read_pairs
 
     outputs = {name: workspace.root / "split" / f"{name}.json" for name in ("train", "val", "test")}
     result = workspace.run(

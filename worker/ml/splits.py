@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.durable import file_digest
 from app.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES, split_for_digest, validate_split_fractions
-from worker.ml.pairs import LabeledPair
+from worker.ml.pair_file import LabeledPair
 
 __all__ = [
     "DEFAULT_SPLIT_FRACTIONS",

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from app.durable import file_digest
 from app.splits import split_for_digest
 from tests.e2e.services import magtune_command
 
@@ -232,10 +233,7 @@ def _expected_import(
 def seed_with_import_command(http: httpx.Client, johns_dir: Path, workdir: Path) -> Seeded:
     """The regression pairs with `--regression`, then every other pair; faces found back by content hash."""
     pairs = read_pairs(johns_dir)
-    shas = {
-        image: hashlib.sha256((johns_dir / image).read_bytes()).hexdigest()
-        for image in face_images(johns_dir)
-    }
+    shas = {image: file_digest(johns_dir / image) for image in face_images(johns_dir)}
     # The service's split rule, applied here to choose the regression faces before anything is uploaded.
     planned = {
         image: {"id": sha, "sha256": sha, "split": split_for_digest(sha)} for image, sha in shas.items()
@@ -296,7 +294,7 @@ def register_model(http: httpx.Client, checkpoint: Path, arch: str) -> dict[str,
     assert validation.job["kind"] == "validate_model"
     model = ok(http.get(f"/v1/models/{registered['id']}"), 200)
     assert model["status"] == "ready", model
-    assert model["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert model["sha256"] == file_digest(checkpoint)
     return model
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from app.blobs import BlobStore
 from app.config import Settings
 from app.db import session_scope
+from app.durable import file_digest
 from app.splits import split_for_digest
 from app.tables import Activation, Face
 from tests.worker.factories import add_face, add_pair, add_ready_base
@@ -34,7 +35,7 @@ def johns_labels(johns_dir: Path) -> dict[frozenset[str], int]:
 
     def digest(relative: str) -> str:
         if relative not in digests:
-            digests[relative] = hashlib.sha256((johns_dir / relative).read_bytes()).hexdigest()
+            digests[relative] = file_digest(johns_dir / relative)
         return digests[relative]
 
     rows = json.loads((johns_dir / "pairs.json").read_text())

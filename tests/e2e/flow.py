@@ -23,6 +23,7 @@ import httpx
 from app.durable import file_digest
 from app.splits import split_for_digest
 from tests.e2e.services import magtune_command
+from worker.ml import pair_file
 
 FINISHED = ("succeeded", "failed", "cancelled")
 # Small enough for two CPU cores; still a real fine-tune of the real network on real faces.
@@ -111,8 +112,12 @@ class JobTrace:
 
 
 def read_pairs(johns_dir: Path) -> list[Pair]:
-    rows = json.loads((johns_dir / "pairs.json").read_text())
-    return [Pair(row["image1"], row["image2"], row["label"]) for row in rows]
+    """The seed file, read by the service's own reader, with images named relative to the johns folder."""
+    root = johns_dir.resolve()
+    return [
+        Pair(pair.image1.relative_to(root).as_posix(), pair.image2.relative_to(root).as_posix(), pair.label)
+        for pair in pair_file.read_pairs(johns_dir / "pairs.json").pairs
+    ]
 
 
 def face_images(johns_dir: Path) -> list[str]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from app.blobs import BlobStore
 from app.config import Settings
+from app.domain import ModelStatus
 from app.tables import Evaluation, ModelVersion
 from worker.jobs.data import FeedbackRow, pairs_sha256
 from worker.ml.checkpoints import CheckpointError, load_backbone
@@ -55,7 +56,7 @@ def model_row(session: Session, model_id: uuid.UUID | str | None, *, role: str =
     row = session.get(ModelVersion, key)
     if row is None:
         raise JobFailed("unknown-model", "Unknown model", f"{role}: no model with id {key}")
-    if row.status != "ready":
+    if row.status != ModelStatus.READY:
         reason = f" ({row.status_reason})" if row.status_reason else ""
         raise JobFailed("model-not-ready", "Model not ready", f"{role}: model {key} is {row.status}{reason}")
     return row

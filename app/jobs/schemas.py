@@ -10,21 +10,22 @@ from app.jobs.params import EvaluateParams, FinetuneParams, ReindexParams
 from app.schemas import UtcDatetime
 
 
+# Each body's `kind` is its JobKind's value, so an unknown kind's error lists the plain names.
 class FinetuneJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal[JobKind.FINETUNE]
+    kind: Literal[JobKind.FINETUNE.value]
     params: FinetuneParams = Field(default_factory=FinetuneParams)
 
 
 class EvaluateJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal[JobKind.EVALUATE]
+    kind: Literal[JobKind.EVALUATE.value]
     params: EvaluateParams = Field(default_factory=EvaluateParams)
 
 
 class ReindexJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal[JobKind.REINDEX]
+    kind: Literal[JobKind.REINDEX.value]
     params: ReindexParams = Field(default_factory=ReindexParams)
 
 

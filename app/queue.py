@@ -1,7 +1,7 @@
 """The Celery configuration shared by the api (which only sends) and the worker (which consumes).
 
 Celery carries nothing but a job id; the job row in the database is the truth about a job. The settings
-below are the ones long GPU jobs need (DESIGN §4): a message is acknowledged only after the task ends, one
+below are the ones long GPU jobs need: a message is acknowledged only after the task ends, one
 message is reserved at a time, and Redis re-delivers an unacknowledged message only after the longest job.
 """
 

@@ -1,4 +1,4 @@
-"""Verification metrics for scored pairs (numpy only; DESIGN §5).
+"""Verification metrics for scored pairs (numpy only).
 
 A pair is predicted "same" when its score is at or above the threshold. Scores are sorted once and every
 threshold-sweeping metric reads the same ROC vertices, so a call is O(n log n) however many metrics it

@@ -92,7 +92,8 @@ class PreprocessSpec:
 
 
 def preprocess_spec_for(arch: str) -> PreprocessSpec:
-    """The preprocessing a backbone was trained with (DESIGN §5)."""
+    """The preprocessing a backbone was trained with: MagFace's iResNets read images with OpenCV, so BGR in
+    [0, 1] with no mean or std; MobileFaceNet RGB with ImageNet mean and std."""
     if arch in _IRESNETS:
         return PreprocessSpec(channel_order="BGR", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     if arch == Architecture.MOBILEFACENET:

@@ -116,7 +116,7 @@ def test_fine_tuned_model_beats_the_pretrained_one_on_held_out_pairs(
     assert tuned["roc_auc"] >= base["roc_auc"] and tuned["eer"] <= base["eer"]
     assert tuned["roc_auc"] > base["roc_auc"] or tuned["eer"] < base["eer"]
     assert tuned["at_threshold"]["accuracy"] >= base["at_threshold"]["accuracy"]
-    # The score scale survives (DESIGN §5: margin 1.0 collapsed accuracy at the fixed 0.4 to 0.17).
+    # The score scale survives (margin 1.0 once collapsed accuracy at the fixed 0.4 to 0.17).
     assert tuned["at_0_4"]["accuracy"] >= base["at_0_4"]["accuracy"] - 0.02
 
 

@@ -36,9 +36,10 @@ class JobKind(StrEnum):
     EVALUATE = "evaluate"
     REINDEX = "reindex"
     VALIDATE_MODEL = "validate_model"  # internal: created by POST /v1/models, never by POST /v1/jobs
+    EMBED = "embed"  # internal: faces stored while a model serves, embedded on arrival (coalesced per model)
 
 
-INTERNAL_JOB_KINDS: tuple[JobKind, ...] = (JobKind.VALIDATE_MODEL,)
+INTERNAL_JOB_KINDS: tuple[JobKind, ...] = (JobKind.VALIDATE_MODEL, JobKind.EMBED)
 PUBLIC_JOB_KINDS: tuple[JobKind, ...] = tuple(kind for kind in JobKind if kind not in INTERNAL_JOB_KINDS)
 
 

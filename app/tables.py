@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -38,6 +39,7 @@ from app.domain import (
 )
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
+QUEUED_ONLY = f"status = '{JobStatus.QUEUED.value}'"
 
 
 def utcnow() -> datetime:
@@ -164,12 +166,21 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    # Jobs with the same key coalesce: at most one of them is queued at a time (e.g. "embed:<model id>").
+    coalesce_key: Mapped[str | None] = mapped_column(String(128))
 
     __table_args__ = (
         CheckConstraint(sql_in("status", JobStatus), name="status"),
         CheckConstraint(sql_in("kind", JobKind), name="kind"),
         Index("ix_jobs_status_kind", "status", "kind"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index(
+            "uq_jobs_queued_coalesce_key",
+            "coalesce_key",
+            unique=True,
+            postgresql_where=text(QUEUED_ONLY),
+            sqlite_where=text(QUEUED_ONLY),
+        ),
     )
 
 
@@ -234,8 +245,25 @@ class FaceEmbedding(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     quality: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The model's EmbeddingGeneration when this row was written: a reader holding every row up to
+    # generation g needs only the rows above g to be current.
+    generation: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
-    __table_args__ = (Index("ix_embeddings_model_id", "model_id"),)
+    __table_args__ = (Index("ix_embeddings_model_id_generation", "model_id", "generation"),)
+
+
+class EmbeddingGeneration(Base):
+    """A per-model counter that every write of embeddings bumps in its own transaction.
+
+    The bump locks the model's row, so writers of one model commit in the order of their generations and a
+    reader that has seen generation g has seen every row of generation g or below: the api's search index
+    catches up by reading `generation > g` instead of reloading every vector.
+    """
+
+    __tablename__ = "embedding_generations"
+
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger)
 
 
 class Activation(Base):
@@ -250,5 +278,8 @@ class Activation(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the model's embeddings first covered every face after this activation. The serving model (the one
+    # verify and search use) is that of the latest activation with this set: blue/green, never half-embedded.
+    embedded_at: Mapped[datetime | None] = mapped_column()
 
     __table_args__ = (Index("ix_activations_created_at", "created_at"),)

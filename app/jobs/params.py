@@ -84,11 +84,18 @@ class ValidateModelParams(JobParams):
     model: uuid.UUID
 
 
+class EmbedParams(JobParams):
+    """Internal: queued when faces arrive while `model` is active or serving; embeds what is missing."""
+
+    model: uuid.UUID
+
+
 PARAMS_BY_KIND: dict[JobKind, type[JobParams]] = {
     JobKind.FINETUNE: FinetuneParams,
     JobKind.EVALUATE: EvaluateParams,
     JobKind.REINDEX: ReindexParams,
     JobKind.VALIDATE_MODEL: ValidateModelParams,
+    JobKind.EMBED: EmbedParams,
 }
 
 

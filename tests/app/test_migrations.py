@@ -20,6 +20,7 @@ from sqlalchemy import (
     inspect,
     pool,
     select,
+    text,
 )
 
 from app import migrate
@@ -113,6 +114,7 @@ def migrated_constraints(url: str) -> dict[str, dict[str, set[str]]]:
                     "check": {str(ck["name"]) for ck in inspector.get_check_constraints(table.name)},
                 }
                 for table in Base.metadata.sorted_tables
+                if inspector.has_table(table.name)  # an older revision lacks the tables added since
             }
     finally:
         engine.dispose()
@@ -289,3 +291,66 @@ def test_importing_the_app_creates_no_tables(empty_sqlite_url: str) -> None:
     create_app(Settings(database_url=empty_sqlite_url, broker_url="memory://"), run_sweeper=False)
 
     assert table_names(empty_sqlite_url) == set()
+
+
+BEFORE_SERVING = "2026_11_29_0002"
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_activations_of_models_that_cover_every_face_serve_after_the_upgrade(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    """Revision 0003 marks as embedded exactly the existing activations whose model embeds every face."""
+    url = request.getfixturevalue(f"empty_{database}_url")
+    migrate.upgrade_database(url, BEFORE_SERVING)
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        ids = _insert_rows(engine)
+        complete, partial = uuid.uuid4(), uuid.uuid4()
+        activations = {complete: uuid.uuid4(), partial: uuid.uuid4()}
+        with engine.begin() as connection:
+            for model_id, faces in ((complete, ("a", "b")), (partial, ("a",))):
+                connection.execute(
+                    text(
+                        "INSERT INTO models (id, arch, status, sha256, byte_size, created_at) "
+                        "VALUES (:id, 'mobilefacenet', 'ready', :sha, 1, :now)"
+                    ),
+                    {"id": _uuid(model_id, database), "sha": model_id.hex * 2, "now": datetime.now(UTC)},
+                )
+                for face in faces:
+                    connection.execute(
+                        text(
+                            "INSERT INTO embeddings (face_id, model_id, vector, quality, created_at) "
+                            "VALUES (:face, :model, :vector, 1.0, :now)"
+                        ),
+                        {
+                            "face": _uuid(ids[face], database),
+                            "model": _uuid(model_id, database),
+                            "vector": b"\0" * 8,
+                            "now": datetime.now(UTC),
+                        },
+                    )
+                connection.execute(
+                    text("INSERT INTO activations (id, model_id, created_at) VALUES (:id, :model, :now)"),
+                    {
+                        "id": _uuid(activations[model_id], database),
+                        "model": _uuid(model_id, database),
+                        "now": datetime.now(UTC),
+                    },
+                )
+
+        migrate.upgrade_database(url)
+
+        with engine.connect() as connection:
+            embedded = dict(connection.execute(text("SELECT model_id, embedded_at FROM activations")).all())
+            generations = set(connection.scalars(text("SELECT generation FROM embeddings")))
+        assert embedded[_uuid(complete, database)] is not None
+        assert embedded[_uuid(partial, database)] is None
+        assert generations == {0}
+    finally:
+        engine.dispose()
+
+
+def _uuid(value: uuid.UUID, database: str) -> object:
+    """A UUID as raw SQL binds and returns it: a UUID on PostgreSQL, 32 hex digits on SQLite."""
+    return value if database == "postgresql" else value.hex

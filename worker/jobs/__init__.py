@@ -17,6 +17,7 @@ HANDLER_MODULES: MappingProxyType[JobKind, str] = MappingProxyType(
         JobKind.EVALUATE: "worker.jobs.evaluate",
         JobKind.REINDEX: "worker.jobs.reindex",
         JobKind.VALIDATE_MODEL: "worker.jobs.validate_model",
+        JobKind.EMBED: "worker.jobs.reindex",  # the same pass: embed every face the model is missing
     }
 )
 KINDS: tuple[str, ...] = tuple(kind.value for kind in HANDLER_MODULES)

@@ -8,13 +8,14 @@ import this module and neither imports the other's, so the two services form no 
 import uuid
 
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.domain import JobKind, JobStatus
 from app.jobs.params import JobParams, params_json
 from app.queue import try_enqueue_job
-from app.tables import Job
+from app.tables import Job, utcnow
 
 _PENDING_SENDS = "magtune.pending_job_sends"
 
@@ -35,6 +36,10 @@ def send_after_commit(session: Session, settings: Settings, job: Job) -> None:
     without `enqueued_at`, and the sweeper re-sends it.
     """
     session.info.setdefault(_PENDING_SENDS, []).append((settings, job.id, job.kind))
+    _listen(session)
+
+
+def _listen(session: Session) -> None:
     if not event.contains(session, "after_commit", _send_pending):
         event.listen(session, "after_commit", _send_pending)
         event.listen(session, "after_rollback", _drop_pending)
@@ -65,3 +70,40 @@ def add_job(
     session.flush()
     send_after_commit(session, settings, job)
     return job
+
+
+def add_coalesced_job(
+    *, session: Session, settings: Settings, kind: JobKind, params: JobParams, key: str
+) -> uuid.UUID | None:
+    """Add a queued job unless one with the same `key` is queued already; its id, or None when coalesced.
+
+    The database decides (a unique index over the keys of queued jobs), so concurrent callers on any number
+    of api processes add one job between them. A job that is already running does not count: work arriving
+    while it runs may come after its query, so it gets a queued successor. Flushed, not committed; sent to
+    the broker after the caller's commit.
+    """
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    job_id = uuid.uuid4()
+    statement = (
+        insert(Job)
+        .values(
+            id=job_id,
+            kind=kind,
+            status=JobStatus.QUEUED,
+            params=params_json(params),
+            max_attempts=settings.job_max_attempts,
+            attempts=0,
+            cancel_requested=False,
+            coalesce_key=key,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=[Job.coalesce_key], index_where=Job.status == JobStatus.QUEUED)
+        .returning(Job.id)
+    )
+    added = session.execute(statement).scalar_one_or_none()
+    if added is None:
+        return None
+    session.info.setdefault(_PENDING_SENDS, []).append((settings, added, kind))
+    _listen(session)
+    return added

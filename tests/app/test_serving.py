@@ -1,0 +1,138 @@
+"""The serving model (blue/green) and coalesced embedding jobs, on the real PostgreSQL and on SQLite."""
+
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from app.config import Settings
+from app.db import session_scope
+from app.domain import JobKind, JobStatus
+from app.migrate import upgrade_database
+from app.models.serving import (
+    embed_job_key,
+    mark_embedded_if_complete,
+    missing_faces,
+    models_in_service,
+    request_embedding,
+    serving_model,
+)
+from app.tables import Activation, FaceEmbedding, Job
+from tests.app.factories import activate_directly, insert_face, insert_model
+from tests.queues import QueueProbe
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_settings(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Settings:
+    if request.param == "postgresql":
+        return settings
+    url = f"sqlite:///{tmp_path / 'serving.db'}"
+    upgrade_database(url)
+    return settings.model_copy(update={"database_url": url})
+
+
+def _embed(settings: Settings, model_id: uuid.UUID, face_ids: list[uuid.UUID]) -> None:
+    with session_scope(settings.database_url) as session:
+        for face_id in face_ids:
+            session.add(FaceEmbedding(face_id=face_id, model_id=model_id, vector=b"\0" * 16, quality=1.0))
+
+
+def _serving(settings: Settings) -> uuid.UUID | None:
+    with session_scope(settings.database_url) as session:
+        model = serving_model(session)
+        return model.id if model is not None else None
+
+
+def _mark(settings: Settings, model_id: uuid.UUID) -> bool:
+    with session_scope(settings.database_url) as session:
+        return mark_embedded_if_complete(session, model_id)
+
+
+def test_the_previous_model_serves_until_the_new_one_covers_every_face(any_settings: Settings) -> None:
+    settings = any_settings
+    faces = [insert_face(settings) for _ in range(3)]
+    old, new = insert_model(settings), insert_model(settings)
+    activate_directly(settings, old)
+    assert _serving(settings) is None  # activated, but nothing embedded yet
+
+    _embed(settings, old, faces)
+    assert _mark(settings, old) is True
+    assert _serving(settings) == old
+
+    activate_directly(settings, new)
+    _embed(settings, new, faces[:2])
+    assert _mark(settings, new) is False
+    assert _serving(settings) == old
+    with session_scope(settings.database_url) as session:
+        assert missing_faces(session, new) == 1
+        assert models_in_service(session) == [new, old]
+
+    _embed(settings, new, faces[2:])
+    assert _mark(settings, new) is True
+    assert _serving(settings) == new
+    with session_scope(settings.database_url) as session:
+        assert models_in_service(session) == [new]
+        marked = session.scalar(
+            select(func.count()).select_from(Activation).where(Activation.embedded_at.is_not(None))
+        )
+    assert marked == 2
+
+
+def test_arrivals_coalesce_into_one_queued_embedding_job_per_model(
+    any_settings: Settings, broker: QueueProbe
+) -> None:
+    settings = any_settings
+    old, new = insert_model(settings), insert_model(settings)
+    face = insert_face(settings)
+    activate_directly(settings, old)
+    _embed(settings, old, [face])
+    _mark(settings, old)
+    activate_directly(settings, new)
+
+    with session_scope(settings.database_url) as session:
+        first = request_embedding(session, settings)
+    with session_scope(settings.database_url) as session:
+        second = request_embedding(session, settings)
+
+    assert len(first) == 2 and second == []
+    with session_scope(settings.database_url) as session:
+        jobs = session.scalars(select(Job).order_by(Job.coalesce_key)).all()
+        assert {job.coalesce_key for job in jobs} == {embed_job_key(old), embed_job_key(new)}
+        assert {job.params["model"] for job in jobs} == {str(old), str(new)}
+        assert all(job.kind == JobKind.EMBED and job.status == JobStatus.QUEUED for job in jobs)
+        # Once a job runs, arrivals need a successor: it may have read the faces before they came.
+        jobs[0].status = JobStatus.RUNNING
+    with session_scope(settings.database_url) as session:
+        third = request_embedding(session, settings)
+    assert len(third) == 1
+    assert sorted(broker.sent_job_ids()) == sorted(str(job_id) for job_id in first + third)
+
+
+def test_concurrent_arrivals_add_one_job(settings: Settings) -> None:
+    model = insert_model(settings)
+    activate_directly(settings, model)
+    added: list[uuid.UUID] = []
+    barrier = threading.Barrier(8)
+
+    def arrive() -> None:
+        barrier.wait()
+        with session_scope(settings.database_url) as session:
+            added.extend(request_embedding(session, settings))
+
+    threads = [threading.Thread(target=arrive) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(added) == 1
+    with session_scope(settings.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_no_model_in_service_queues_nothing(any_settings: Settings) -> None:
+    insert_face(any_settings)
+    with session_scope(any_settings.database_url) as session:
+        assert request_embedding(session, any_settings) == []

@@ -15,6 +15,8 @@ from app.jobs.sweeper import start_background_sweeper
 from app.metrics.router import router as metrics_router
 from app.models.router import router as models_router
 from app.problems import install_problem_handlers
+from app.search.router import router as search_router
+from app.verify.router import router as verify_router
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -45,7 +47,16 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.state.settings = settings
     install_problem_handlers(app)
     observability.install(app)
-    for router in (faces_router, feedback_router, jobs_router, models_router, metrics_router):
+    routers = (
+        faces_router,
+        feedback_router,
+        jobs_router,
+        models_router,
+        metrics_router,
+        verify_router,
+        search_router,
+    )
+    for router in routers:
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
     docs.install(app)

@@ -47,7 +47,11 @@ def blob_store(settings: Settings) -> BlobStore:
 async def upload_face(
     request: Request, response: Response, session: SessionDep, settings: SettingsDep
 ) -> FaceOut:
-    """Store a face crop. The same bytes again answer 200 with the face stored before."""
+    """Store a face crop. The same bytes again answer 200 with the face stored before.
+
+    A new face is queued for embedding by the model in service (one coalesced job per model), so verify and
+    search can use it seconds later; `embedded` says when.
+    """
     store = blob_store(settings)
     async with receive_upload(
         request,
@@ -68,9 +72,11 @@ async def upload_face(
                 source=upload.fields.get("source"),
             )
         )
+    if created:
+        await run_in_threadpool(lambda: service.queue_embedding(session=session, settings=settings))
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"{request.url.path.rstrip('/')}/{face.id}"
-    return FaceOut.model_validate(face)
+    return (await run_in_threadpool(lambda: service.faces_out(session, [face])))[0]
 
 
 @router.get("", response_model=Page[FaceOut])
@@ -82,12 +88,12 @@ def list_faces(
 ) -> Page[FaceOut]:
     """Faces, newest first."""
     faces, cursor = service.list_faces(session=session, page=page, subject=subject, split=split)
-    return Page[FaceOut](items=[FaceOut.model_validate(face) for face in faces], next_cursor=cursor)
+    return Page[FaceOut](items=service.faces_out(session, faces), next_cursor=cursor)
 
 
 @router.get("/{face_id}", response_model=FaceOut, responses={404: problem_doc("No such face")})
 def get_face(face_id: uuid.UUID, session: SessionDep) -> FaceOut:
-    return FaceOut.model_validate(service.get_face(session=session, face_id=face_id))
+    return service.faces_out(session, [service.get_face(session=session, face_id=face_id)])[0]
 
 
 @router.get(

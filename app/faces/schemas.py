@@ -2,7 +2,7 @@
 
 import uuid
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.domain import FaceSplit
 from app.schemas import UtcDatetime
@@ -22,3 +22,11 @@ class FaceOut(BaseModel):
     subject: str | None
     source: str | None
     created_at: UtcDatetime
+    embedded: bool = Field(
+        False,
+        description="whether the serving model has embedded it (verify and search can use it); false "
+        "when no model serves",
+    )
+    serving_model_id: uuid.UUID | None = Field(
+        None, description="the model whose embeddings answer; null if none"
+    )

@@ -1,21 +1,28 @@
 """Faces: a face is its image's bytes, stored once whatever the number of uploads."""
 
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
+from app.config import Settings
+from app.embeddings import embedded_faces, serving_model_id
 from app.faces.images import inspect_image
+from app.faces.schemas import FaceOut
+from app.models.serving import request_embedding
 from app.pagination import PageParams, fetch_page
 from app.problems import Problem, not_found
 from app.splits import split_for_digest
 from app.tables import Face
 
 NAMESPACE = "faces"
+
+log = logging.getLogger(__name__)
 
 
 def store_face(
@@ -71,6 +78,32 @@ def store_face(
             store.delete(NAMESPACE, sha)
         raise
     return face, True
+
+
+def queue_embedding(*, session: Session, settings: Settings) -> None:
+    """Queue the embedding of a face just committed, by every model in service (coalesced per model).
+
+    Its own transaction, after the face's: the face is stored whatever happens here. A broker that is down
+    leaves the job queued for the sweeper to send; a failed insert is logged, and the face waits for the next
+    arrival's job or a reindex.
+    """
+    try:
+        request_embedding(session, settings)
+    except SQLAlchemyError:
+        session.rollback()
+        log.warning("could not queue the embedding of new faces", exc_info=True)
+
+
+def faces_out(session: Session, faces: Sequence[Face]) -> list[FaceOut]:
+    """Faces as shown, each with whether the serving model has embedded it: two queries for any number."""
+    model_id = serving_model_id(session)
+    embedded = embedded_faces(session, model_id, [face.id for face in faces])
+    return [
+        FaceOut.model_validate(face).model_copy(
+            update={"embedded": face.id in embedded, "serving_model_id": model_id}
+        )
+        for face in faces
+    ]
 
 
 def get_face(*, session: Session, face_id: uuid.UUID) -> Face:

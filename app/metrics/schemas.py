@@ -20,6 +20,15 @@ class FaceCounts(BaseModel):
     total: int
     by_split: dict[str, int]
     embedded_by_active_model: int | None = Field(description="null when no model is active")
+    waiting_for_active_model: int | None = Field(
+        None, description="faces the active model has not embedded yet; null when no model is active"
+    )
+    embedded_by_serving_model: int | None = Field(
+        None, description="faces the serving model (the one verify and search use) has embedded; null if none"
+    )
+    waiting_for_serving_model: int | None = Field(
+        None, description="faces verify and search cannot use yet (not embedded); null when no model serves"
+    )
 
 
 class JobCounts(BaseModel):
@@ -39,6 +48,12 @@ class ActiveModelSummary(BaseModel):
     activated_by: str | None
     activation_reason: str | None
     latest_evaluations: dict[str, EvaluationOut] = Field(description="the newest evaluation of each split")
+
+
+class ServingModelSummary(ActiveModelSummary):
+    """The model verify and search use: the latest activated one whose embeddings covered every face."""
+
+    embedded_at: UtcDatetime = Field(description="when its embeddings first covered every face")
 
 
 class ComparedEvaluations(BaseModel):
@@ -67,4 +82,7 @@ class DashboardMetrics(BaseModel):
     faces: FaceCounts
     jobs: JobCounts
     active_model: ActiveModelSummary | None
+    serving_model: ServingModelSummary | None = Field(
+        None, description="differs from active_model while a newly activated model is still embedding faces"
+    )
     latest_finetune: FinetuneSummary | None

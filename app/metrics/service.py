@@ -16,11 +16,13 @@ from app.metrics.schemas import (
     FeedbackCounts,
     FinetuneSummary,
     JobCounts,
+    ServingModelSummary,
 )
 from app.models import service as models_service
 from app.models.schemas import EvaluationOut
+from app.models.serving import missing_faces, serving_activation
 from app.splits import SPLIT_NAMES
-from app.tables import Evaluation, Face, FaceEmbedding, FeedbackPair, Job, ModelVersion
+from app.tables import Activation, Evaluation, Face, FaceEmbedding, FeedbackPair, Job, ModelVersion
 
 FEEDBACK_SPLITS = (*SPLIT_NAMES, FeedbackSplit.REGRESSION)
 LABELS = ("1", "0")
@@ -49,16 +51,25 @@ def feedback_counts(session: Session) -> FeedbackCounts:
     )
 
 
-def face_counts(session: Session, active_model_id: uuid.UUID | None) -> FaceCounts:
+def _embedded_count(session: Session, model_id: uuid.UUID) -> int:
+    statement = select(func.count()).select_from(FaceEmbedding).where(FaceEmbedding.model_id == model_id)
+    return int(session.scalar(statement) or 0)
+
+
+def face_counts(
+    session: Session, active_model_id: uuid.UUID | None, serving_model_id: uuid.UUID | None = None
+) -> FaceCounts:
     by_split = _zeros(SPLIT_NAMES)
     for split, count in session.execute(select(Face.split, func.count()).group_by(Face.split)):
         by_split[split] = by_split.get(split, 0) + count
-    embedded = None
+    counts = FaceCounts(total=sum(by_split.values()), by_split=by_split, embedded_by_active_model=None)
     if active_model_id is not None:
-        embedded = session.scalar(
-            select(func.count()).select_from(FaceEmbedding).where(FaceEmbedding.model_id == active_model_id)
-        )
-    return FaceCounts(total=sum(by_split.values()), by_split=by_split, embedded_by_active_model=embedded)
+        counts.embedded_by_active_model = _embedded_count(session, active_model_id)
+        counts.waiting_for_active_model = missing_faces(session, active_model_id)
+    if serving_model_id is not None:
+        counts.embedded_by_serving_model = _embedded_count(session, serving_model_id)
+        counts.waiting_for_serving_model = missing_faces(session, serving_model_id)
+    return counts
 
 
 def job_counts(session: Session) -> JobCounts:
@@ -80,25 +91,38 @@ def _newest_per_split(evaluations: Iterable[Evaluation]) -> dict[str, Evaluation
 
 
 def active_model_summary(session: Session) -> ActiveModelSummary | None:
-    activation = models_service.current_activation(session)
+    summary = _model_summary(session, models_service.current_activation(session))
+    return ActiveModelSummary(**summary) if summary is not None else None
+
+
+def serving_model_summary(session: Session) -> ServingModelSummary | None:
+    """The model verify and search use; the active one's predecessor while the active one is embedding."""
+    activation = serving_activation(session)
+    summary = _model_summary(session, activation)
+    if summary is None or activation is None or activation.embedded_at is None:
+        return None
+    return ServingModelSummary(**summary, embedded_at=activation.embedded_at)
+
+
+def _model_summary(session: Session, activation: Activation | None) -> dict[str, Any] | None:
     if activation is None:
         return None
     model = session.get(ModelVersion, activation.model_id)
     if model is None:
         return None
     evaluations = models_service.evaluations_by_model(session, [model.id]).get(model.id, [])
-    return ActiveModelSummary(
-        id=model.id,
-        name=model.name,
-        arch=model.arch,
-        threshold=model.threshold,
-        embedding_size=model.embedding_size,
-        parent_id=model.parent_id,
-        activated_at=activation.created_at,
-        activated_by=activation.actor,
-        activation_reason=activation.reason,
-        latest_evaluations=_newest_per_split(evaluations),
-    )
+    return {
+        "id": model.id,
+        "name": model.name,
+        "arch": model.arch,
+        "threshold": model.threshold,
+        "embedding_size": model.embedding_size,
+        "parent_id": model.parent_id,
+        "activated_at": activation.created_at,
+        "activated_by": activation.actor,
+        "activation_reason": activation.reason,
+        "latest_evaluations": _newest_per_split(evaluations),
+    }
 
 
 def _as_uuid(value: Any) -> uuid.UUID | None:
@@ -162,10 +186,12 @@ def latest_finetune(session: Session) -> FinetuneSummary | None:
 
 def dashboard(*, session: Session) -> DashboardMetrics:
     active_id = models_service.active_model_id(session)
+    serving = serving_model_summary(session)
     return DashboardMetrics(
         feedback=feedback_counts(session),
-        faces=face_counts(session, active_id),
+        faces=face_counts(session, active_id, serving.id if serving is not None else None),
         jobs=job_counts(session),
         active_model=active_model_summary(session),
+        serving_model=serving,
         latest_finetune=latest_finetune(session),
     )

@@ -19,11 +19,13 @@ from app.models.schemas import (
     ActivationOut,
     ActivationRequest,
     ActivationResult,
+    ActiveModelOut,
     EvaluationOut,
     ModelOut,
     ModelRegistered,
     ValidationJobOut,
 )
+from app.models.serving import missing_faces, serving_activation
 from app.pagination import Page
 from app.problems import Problem, problem_doc
 from app.tables import Evaluation, Job, ModelVersion
@@ -142,10 +144,21 @@ def list_models(
 
 
 @router.get(
-    "/active", response_model=ModelOut, responses={404: problem_doc("No model is active (no-active-model)")}
+    "/active",
+    response_model=ActiveModelOut,
+    responses={404: problem_doc("No model is active (no-active-model)")},
 )
-def get_active_model(session: SessionDep) -> ModelOut:
-    return _detail(session, service.get_active_model(session=session))
+def get_active_model(session: SessionDep) -> ActiveModelOut:
+    """The activated model; `switching` while its reindex runs and the previous model still answers."""
+    model = service.get_active_model(session=session)
+    serving = serving_activation(session)
+    serving_id = serving.model_id if serving is not None else None
+    return ActiveModelOut(
+        **_detail(session, model).model_dump(),
+        serving_model_id=serving_id,
+        switching=serving_id != model.id,
+        waiting_faces=missing_faces(session, model.id),
+    )
 
 
 @router.get("/activations", response_model=Page[ActivationOut])

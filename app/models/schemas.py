@@ -57,6 +57,20 @@ class ModelOut(BaseModel):
     evaluations: list[EvaluationOut] = Field(default_factory=list, description="newest first")
 
 
+class ActiveModelOut(ModelOut):
+    """The activated model, and the model that answers verify and search while a switch is under way."""
+
+    serving_model_id: uuid.UUID | None = Field(
+        None,
+        description="the model whose embeddings verify and search use: this one once it has embedded every "
+        "face, the previous one until then; null when none has yet",
+    )
+    switching: bool = Field(
+        False, description="true while the activated model is not yet the serving one (it is embedding faces)"
+    )
+    waiting_faces: int = Field(0, description="faces the activated model has not embedded yet")
+
+
 class ModelRegistered(ModelOut):
     validation_job_id: uuid.UUID | None = Field(
         None, description="the job that loads the checkpoint strictly; null when the model was known already"

@@ -11,13 +11,19 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
 
 from app.config import Settings
-from app.db import session_scope
+from app.db import get_engine, session_scope
+from app.domain import JobKind, JobStatus
+from app.faces import service as face_service
 from app.splits import split_for_digest
-from app.tables import Face, FaceEmbedding, FeedbackPair, ModelVersion
-from tests.app.factories import count_rows, insert_face
+from app.tables import Activation, Face, FaceEmbedding, FeedbackPair, Job, ModelVersion, utcnow
+from tests.app.factories import activate_directly, count_rows, insert_face, insert_model
 from tests.app.problems import assert_problem
+from tests.queues import QueueProbe
+from tests.services import CLOSED_PORT_BROKER
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -334,3 +340,126 @@ def test_feedback_rows_are_untouched_by_other_faces_deletion(client: TestClient,
 
     assert client.delete(f"/v1/faces/{c}").status_code == 204
     assert count_rows(settings, FeedbackPair) == 1
+
+
+# ---- embedding on arrival, and what the api shows of it --------------------------------------------------
+
+
+@pytest.fixture
+def embed_client(client_with: Callable[..., TestClient], broker: QueueProbe) -> TestClient:
+    """A client whose embed jobs go to the test's own queue, to read them back."""
+    return client_with(embed_queue_name=broker.name)
+
+
+def embed_jobs(settings: Settings) -> list[Job]:
+    with session_scope(settings.database_url) as session:
+        jobs = session.scalars(select(Job).where(Job.kind == JobKind.EMBED)).all()
+        session.expunge_all()
+        return list(jobs)
+
+
+def test_new_faces_queue_one_coalesced_embedding_job(
+    embed_client: TestClient, settings: Settings, broker: QueueProbe, face_pngs: list[Path]
+) -> None:
+    model = insert_model(settings)
+    activate_directly(settings, model)
+
+    first = upload(embed_client, face_pngs[0].read_bytes())
+    second = upload(embed_client, face_pngs[1].read_bytes())
+    again = upload(embed_client, face_pngs[0].read_bytes())
+
+    assert (first.status_code, second.status_code, again.status_code) == (201, 201, 200)
+    jobs = embed_jobs(settings)
+    assert len(jobs) == 1
+    assert jobs[0].status == JobStatus.QUEUED and jobs[0].params == {"model": str(model)}
+    assert broker.sent_job_ids() == [str(jobs[0].id)]
+    assert first.json()["embedded"] is False and first.json()["serving_model_id"] is None
+
+
+def test_without_a_model_in_service_an_upload_queues_nothing(
+    embed_client: TestClient, settings: Settings, broker: QueueProbe, face_pngs: list[Path]
+) -> None:
+    assert upload(embed_client, face_pngs[0].read_bytes()).status_code == 201
+    assert embed_jobs(settings) == [] and broker.sent_job_ids() == []
+
+
+def test_a_broker_that_is_down_leaves_the_embedding_job_to_the_sweeper(
+    client_with: Callable[..., TestClient], settings: Settings, face_pngs: list[Path]
+) -> None:
+    activate_directly(settings, insert_model(settings))
+    down = client_with(broker_url=CLOSED_PORT_BROKER)
+
+    assert upload(down, face_pngs[0].read_bytes()).status_code == 201
+    jobs = embed_jobs(settings)
+    assert len(jobs) == 1 and jobs[0].status == JobStatus.QUEUED and jobs[0].enqueued_at is None
+
+
+def test_a_failed_job_insert_does_not_lose_the_face(
+    client: TestClient, settings: Settings, face_pngs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    activate_directly(settings, insert_model(settings))
+
+    def fail(*_args: Any) -> None:
+        raise OperationalError("INSERT INTO jobs", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(face_service, "request_embedding", fail)
+    response = upload(client, face_pngs[0].read_bytes())
+
+    assert response.status_code == 201
+    assert client.get(f"/v1/faces/{response.json()['id']}").status_code == 200
+    assert count_rows(settings, Face) == 1 and embed_jobs(settings) == []
+
+
+def test_faces_show_whether_the_serving_model_embedded_them(client: TestClient, settings: Settings) -> None:
+    faces = [insert_face(settings) for _ in range(3)]
+    old, new = insert_model(settings), insert_model(settings)
+    with session_scope(settings.database_url) as session:
+        session.add_all(
+            FaceEmbedding(face_id=f, model_id=old, vector=b"\0" * 8, quality=1.0) for f in faces[:2]
+        )
+        session.add_all(FaceEmbedding(face_id=f, model_id=new, vector=b"\0" * 8, quality=1.0) for f in faces)
+        session.add(Activation(model_id=old, embedded_at=utcnow()))
+    with session_scope(settings.database_url) as session:
+        session.add(Activation(model_id=new))  # activated, not serving yet
+
+    shown = {face["id"]: face for face in client.get("/v1/faces").json()["items"]}
+    one = client.get(f"/v1/faces/{faces[2]}").json()
+
+    assert [shown[str(f)]["embedded"] for f in faces] == [True, True, False]
+    assert {face["serving_model_id"] for face in shown.values()} == {str(old)}
+    assert (one["embedded"], one["serving_model_id"]) == (False, str(old))
+
+
+def test_no_serving_model_shows_no_face_embedded(client: TestClient, settings: Settings) -> None:
+    face = insert_face(settings)
+
+    one = client.get(f"/v1/faces/{face}").json()
+
+    assert one == client.get("/v1/faces").json()["items"][0]
+    assert (one["embedded"], one["serving_model_id"]) == (False, None)
+
+
+def test_a_page_of_faces_costs_the_same_queries_whatever_its_size(
+    client: TestClient, settings: Settings
+) -> None:
+    faces = [insert_face(settings) for _ in range(12)]
+    model = insert_model(settings)
+    with session_scope(settings.database_url) as session:
+        session.add_all(
+            FaceEmbedding(face_id=f, model_id=model, vector=b"\0" * 8, quality=1.0) for f in faces
+        )
+        session.add(Activation(model_id=model, embedded_at=utcnow()))
+
+    def statements(limit: int) -> int:
+        executed: list[str] = []
+        engine = get_engine(settings.database_url)
+        listener = lambda *args: executed.append(args[2])  # noqa: E731
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            page = client.get("/v1/faces", params={"limit": limit}).json()
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+        assert len(page["items"]) == limit and all(face["embedded"] for face in page["items"])
+        return len(executed)
+
+    assert statements(2) == statements(12)

@@ -17,7 +17,7 @@ import app
 names = [m.name for m in pkgutil.walk_packages(app.__path__, "app.", onerror=lambda name: None)]
 for name in names:
     importlib.import_module(name)
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "worker", "torchvision", "numpy"})
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "worker", "torchvision"})
 print(json.dumps({"modules": names, "heavy": heavy}))
 """
 

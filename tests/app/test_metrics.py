@@ -62,9 +62,13 @@ def test_an_empty_service(client: TestClient) -> None:
         "total": 0,
         "by_split": {"train": 0, "val": 0, "test": 0},
         "embedded_by_active_model": None,
+        "waiting_for_active_model": None,
+        "embedded_by_serving_model": None,
+        "waiting_for_serving_model": None,
     }
     assert body["jobs"]["total"] == 0
     assert body["active_model"] is None
+    assert body["serving_model"] is None
     assert body["latest_finetune"] is None
 
 
@@ -130,7 +134,11 @@ def test_the_dashboard_counts_and_compares(client: TestClient, settings: Setting
         "total": 6,
         "by_split": {"train": 3, "val": 1, "test": 2},
         "embedded_by_active_model": 4,
+        "waiting_for_active_model": 2,
+        "embedded_by_serving_model": None,
+        "waiting_for_serving_model": None,
     }
+    assert body["serving_model"] is None  # the child's embeddings do not cover every face yet
     assert body["jobs"]["total"] == 3
     assert body["jobs"]["by_status"]["succeeded"] == 1
     assert body["jobs"]["by_kind_status"]["finetune"] == {
@@ -157,6 +165,44 @@ def test_the_dashboard_counts_and_compares(client: TestClient, settings: Setting
     assert latest["evaluations"]["regression"]["parent"]["metrics"] == {"auc": 0.97}
     assert latest["promoted"] is True
     assert latest["gate"]["reasons"] == ["test AUC not worse"]
+
+
+def test_the_serving_model_and_what_waits_for_each_model(client: TestClient, settings: Settings) -> None:
+    faces = insert_faces(settings, ["train"] * 5)
+    serving, active = insert_model(settings), insert_model(settings)
+    with session_scope(settings.database_url) as session:
+        session.add_all(
+            FaceEmbedding(face_id=f, model_id=serving, vector=b"\0" * 8, quality=1.0) for f in faces[:4]
+        )
+        session.add_all(
+            FaceEmbedding(face_id=f, model_id=active, vector=b"\0" * 8, quality=1.0) for f in faces[:1]
+        )
+        session.add(
+            Activation(
+                model_id=serving,
+                actor="ops",
+                reason="base",
+                created_at=datetime.now(UTC) - timedelta(hours=1),
+                embedded_at=datetime.now(UTC) - timedelta(minutes=50),
+            )
+        )
+        session.add(Activation(model_id=active, previous_model_id=serving, reason="better"))
+
+    body = client.get("/v1/metrics").json()
+
+    assert {key: body["faces"][key] for key in body["faces"] if key not in ("total", "by_split")} == {
+        "embedded_by_active_model": 1,
+        "waiting_for_active_model": 4,
+        "embedded_by_serving_model": 4,
+        "waiting_for_serving_model": 1,
+    }
+    assert body["active_model"]["id"] == str(active)
+    assert body["serving_model"]["id"] == str(serving)
+    assert (body["serving_model"]["activated_by"], body["serving_model"]["activation_reason"]) == (
+        "ops",
+        "base",
+    )
+    assert body["serving_model"]["embedded_at"].endswith("+00:00")
 
 
 def test_a_finetune_without_results_is_shown_as_far_as_it_got(client: TestClient, settings: Settings) -> None:

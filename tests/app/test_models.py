@@ -27,8 +27,9 @@ from app.migrate import upgrade_database
 from app.models.checkpoint_keys import architecture_table
 from app.models.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan_checkpoint
 from app.models.service import activate, validation_jobs_by_model
-from app.tables import Activation, Job, ModelVersion
-from tests.app.factories import insert_job, insert_model
+from app.models.serving import mark_embedded_if_complete
+from app.tables import Activation, FaceEmbedding, Job, ModelVersion, utcnow
+from tests.app.factories import insert_face, insert_job, insert_model
 from tests.app.problems import assert_problem
 from tests.queues import QueueProbe
 
@@ -390,6 +391,40 @@ class TestActivate:
         assert [entry["reason"] for entry in log] == ["rollback", "better on test", None]
         of_second = client.get("/v1/models/activations", params={"model_id": str(second)}).json()["items"]
         assert [entry["id"] for entry in of_second] == [two.json()["id"]]
+
+    def test_the_active_model_shows_the_serving_one_while_it_embeds_faces(
+        self, client: TestClient, settings: Settings
+    ) -> None:
+        faces = [insert_face(settings) for _ in range(3)]
+        old, new = insert_model(settings), insert_model(settings)
+        with session_scope(settings.database_url) as session:
+            session.add_all(
+                FaceEmbedding(face_id=f, model_id=old, vector=b"\0" * 8, quality=1.0) for f in faces
+            )
+            session.add(FaceEmbedding(face_id=faces[0], model_id=new, vector=b"\0" * 8, quality=1.0))
+            session.add(Activation(model_id=old, embedded_at=utcnow()))
+        client.post(f"/v1/models/{new}/activate", json={"reason": "newer"})
+
+        switching = client.get("/v1/models/active").json()
+        with session_scope(settings.database_url) as session:
+            session.add_all(
+                FaceEmbedding(face_id=f, model_id=new, vector=b"\0" * 8, quality=1.0) for f in faces[1:]
+            )
+            mark_embedded_if_complete(session, new)
+        switched = client.get("/v1/models/active").json()
+
+        assert (switching["id"], switching["is_active"]) == (str(new), True)
+        assert (switching["serving_model_id"], switching["switching"], switching["waiting_faces"]) == (
+            str(old),
+            True,
+            2,
+        )
+        assert (switched["serving_model_id"], switched["switching"], switched["waiting_faces"]) == (
+            str(new),
+            False,
+            0,
+        )
+        assert switched["sha256"] == switching["sha256"]
 
     def test_activating_the_active_model_changes_nothing(
         self, client: TestClient, settings: Settings, broker: QueueProbe

@@ -35,10 +35,13 @@ except ImportError:  # pragma: no cover - without faiss every search takes the e
 
 IdLike = uuid.UUID | bytes | str
 
-QUANTIZE_MIN_VALUES = 2**22  # rows x dim below which a float32 scan is about as fast as the 8-bit first pass
+QUANTIZE_MIN_VALUES = 2**23  # rows x dim below which a float32 scan is about as fast as the 8-bit first pass
 FIRST_PASS_MIN = 512  # rows the first pass returns at least (k' = max(FIRST_PASS_MIN, FIRST_PASS_PER_K * k))
 FIRST_PASS_PER_K = 16
 GATHER_FRACTION = 8  # a filtered subset of at most 1/8 of the rows is gathered and scored in float32
+FILTER_AFTER_FRACTION = (
+    2  # a subset of at least 1/2 of the rows: scan all codes, then filter (else a selector)
+)
 RANGE_HEADROOM = 1.05  # the quantiser's range: the largest |component| at (re)build time, plus 5%
 RETRAIN_FACTOR = 2.0  # re-encode everything once a clipped row's error exceeds twice an in-range row's worst
 ENCODE_CHUNK = 65_536
@@ -251,7 +254,7 @@ class EmbeddingIndex:
         self._source_labels = _Labels()
         self._n = 0
         # The 8-bit first pass (it needs faiss) starts once the index holds quantize_min_rows rows (by
-        # default 2**22 values: 8,192 rows of 512 or 32,768 of 128); None keeps every search on float32.
+        # default 2**23 values: 16,384 rows of 512 or 65,536 of 128); None keeps every search on float32.
         if quantize_min_rows is None:
             quantize_min_rows = -(-QUANTIZE_MIN_VALUES // dim)
         self._quantize_min_rows = quantize_min_rows if quantize and faiss is not None else None
@@ -535,21 +538,37 @@ class EmbeddingIndex:
         return self._first_pass(q, k, mask, count)
 
     def _candidates(
-        self, q: np.ndarray, kq: int, params: Any, count: int, bound_of: Any
+        self, q: np.ndarray, kq: int, mask: np.ndarray | None, count: int, bound_of: Any, *, select: bool
     ) -> tuple[np.ndarray, bool]:
-        """Rows that provably include every row scoring >= bound_of(approx, rows); False when the first
-        pass could not produce a bound (bound_of returned None)."""
+        """Rows (all in mask) that provably include every row of mask scoring >= bound_of(approx, rows), the
+        bound taken over rows of mask the first pass returned; False when bound_of returned None (too few
+        such rows). With `select` faiss skips the rows outside mask; without, the first pass scans every
+        row and is filtered after (cheaper when most rows pass), returning about kq rows of mask."""
         assert self._codes is not None
-        approx, rows = self._codes.top(q, min(kq, count), params)
+        n = self._n
+        held: tuple[Any, ...] = (self._codes.params,)
+        after = mask is not None and count < n and not select
+        if mask is not None and count < n and select:
+            held = self._codes.selecting(mask)
+        wanted = min(n, -(-kq * n // count)) if after else min(kq, count)
+        approx, rows = self._codes.top(q, wanted, held[0])
         self.stats["first_pass"] += 1
-        if len(rows) >= count:
-            return rows, True  # every selected row came back
+        last = approx[-1] if len(approx) else -np.inf  # no row left out scores above it, approximately
+        if after:
+            keep = mask[rows]
+            approx, rows = approx[keep], rows[keep]
+            if len(rows) >= count:
+                return rows, True
+        elif len(rows) >= count:
+            return rows, True  # every row of mask came back
         bound = bound_of(approx, rows)
         if bound is None:
             return rows, False
         floor = bound - self._error_max - self._slack
-        if approx[-1] >= floor:  # rows not returned may still reach the bound: take all above floor
-            _, rows = self._codes.above(q, floor - self._slack, params)
+        if last >= floor:  # rows not returned may still reach the bound: take all above floor
+            _, rows = self._codes.above(q, floor - self._slack, held[0])
+            if after:
+                rows = rows[mask[rows]]
             self.stats["range_search"] += 1
         return rows, True
 
@@ -557,14 +576,17 @@ class EmbeddingIndex:
         self, q: np.ndarray, k: int, mask: np.ndarray | None, count: int
     ) -> tuple[np.ndarray, np.ndarray]:
         assert self._codes is not None
-        held = self._codes.selecting(mask) if mask is not None else (self._codes.params,)
         kq = max(FIRST_PASS_MIN, FIRST_PASS_PER_K * k)
         errors, slack = self._errors, self._slack
 
-        def bound_of(approx: np.ndarray, rows: np.ndarray) -> float:
-            return _kth_largest(approx - errors[rows] - slack, k)
+        def bound_of(approx: np.ndarray, rows: np.ndarray) -> float | None:
+            return _kth_largest(approx - errors[rows] - slack, k) if len(rows) >= k else None
 
-        rows, _ = self._candidates(q, kq, held[0], count, bound_of)
+        select = mask is not None and count * FILTER_AFTER_FRACTION < self._n
+        rows, done = self._candidates(q, kq, mask, count, bound_of, select=select)
+        if not done:  # filtering after the first pass left fewer than k rows: let faiss skip the others
+            self.stats["widened"] += 1
+            rows, _ = self._candidates(q, kq, mask, count, bound_of, select=True)
         scores = self._vectors[rows] @ q
         best = _best(scores, k)
         return rows[best], scores[best]
@@ -616,7 +638,7 @@ class EmbeddingIndex:
         """Rows holding the best face of each of the top k subjects, or None to score every row in mask."""
         if k is None or self._codes is None or count * GATHER_FRACTION <= self._n:
             return None
-        held = self._codes.selecting(mask) if count < self._n else (self._codes.params,)
+        select = count * FILTER_AFTER_FRACTION < self._n
         errors, subjects, slack = self._errors, self._subjects, self._slack
 
         def bound_of(approx: np.ndarray, rows: np.ndarray) -> float | None:
@@ -630,7 +652,7 @@ class EmbeddingIndex:
 
         kq = max(FIRST_PASS_MIN, FIRST_PASS_PER_K * k)
         while True:
-            rows, done = self._candidates(q, kq, held[0], count, bound_of)
+            rows, done = self._candidates(q, kq, mask, count, bound_of, select=select)
             if done:
                 return rows
             kq *= 4  # too few distinct subjects among the first pass's rows

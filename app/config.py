@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 6 * 3600 + 600
     sweep_interval_s: float = 30.0
     queue_name: str = "gpu"
+    # Embedding on arrival: its own queue, so small jobs never wait behind a fine-tune, consumed by a worker
+    # whose child process is reused (torch imported and models loaded once, not per job).
+    embed_queue_name: str = "embed"
+    embed_worker_max_tasks_per_child: int = 500
     reindex_batch_size: int = 64
 
     # promotion gate: the candidate may lose at most this much AUC on the regression set

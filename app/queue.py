@@ -15,6 +15,7 @@ from sqlalchemy import update
 
 from app.config import Settings
 from app.db import session_scope
+from app.domain import JobKind
 from app.tables import Job
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,20 @@ SEND_RETRY_POLICY = {"max_retries": 1, "interval_start": 0.0, "interval_step": 0
 
 def task_name(kind: str) -> str:
     return f"{TASK_PREFIX}{kind}"
+
+
+def queue_for(settings: Settings, kind: str) -> str:
+    """The queue a job kind goes to: `embed` jobs (small, frequent) to the embed queue, whose worker keeps its
+    child process and loaded models; everything else to the gpu queue, a fresh child process per job."""
+    return settings.embed_queue_name if kind == JobKind.EMBED else settings.queue_name
+
+
+def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
+    """Celery's routes for the same rule, for a worker that sends tasks itself (first match wins)."""
+    return {
+        task_name(JobKind.EMBED): {"queue": queue_for(settings, JobKind.EMBED)},
+        f"{TASK_PREFIX}*": {"queue": settings.queue_name},
+    }
 
 
 def uses_redis(broker_url: str) -> bool:
@@ -85,18 +100,21 @@ def _sender(settings: Settings) -> Celery:
 
 
 def send_job(settings: Settings, job_id: uuid.UUID, kind: str) -> None:
-    """Publish the job's id as task `magtune.<kind>` on the gpu queue; raises when the broker is down."""
+    """Publish the job's id as task `magtune.<kind>` on its kind's queue; raises when the broker is down.
+
+    The one place a queue is chosen: the first send after commit and the sweeper's re-send both come here.
+    """
     _sender(settings).send_task(
         task_name(kind),
         args=[str(job_id)],
-        queue=settings.queue_name,
+        queue=queue_for(settings, kind),
         retry=True,
         retry_policy=SEND_RETRY_POLICY,
     )
 
 
 def enqueue_job(settings: Settings, job_id: uuid.UUID, kind: str) -> None:
-    """Send the job's id to the gpu queue, then stamp `enqueued_at` on its row.
+    """Send the job's id to its queue, then stamp `enqueued_at` on its row.
 
     Call only after the row is committed. Raises when the broker cannot be reached; the caller decides
     whether that matters (a queued row without `enqueued_at` is re-sent by the sweeper).

@@ -90,7 +90,11 @@ def broker(redis_url: str) -> Iterator[QueueProbe]:
 @pytest.fixture
 def settings(postgres_url: str, tmp_path: Path, broker: QueueProbe) -> Settings:
     return Settings(
-        database_url=postgres_url, broker_url=broker.url, queue_name=broker.name, data_dir=tmp_path / "data"
+        database_url=postgres_url,
+        broker_url=broker.url,
+        queue_name=broker.name,
+        embed_queue_name=broker.embed_name,
+        data_dir=tmp_path / "data",
     )
 
 

@@ -20,11 +20,17 @@ class QueueProbe:
     url: str
     name: str
 
-    def sent_job_ids(self) -> list[str]:
-        return [job_id_of(raw) for raw in self.client.lrange(self.name, 0, -1)]
+    @property
+    def embed_name(self) -> str:
+        """This test's embed queue: `embed` jobs are routed there, beside the gpu queue."""
+        return f"{self.name}-embed"
+
+    def sent_job_ids(self, queue: str | None = None) -> list[str]:
+        return [job_id_of(raw) for raw in self.client.lrange(queue or self.name, 0, -1)]
 
     def clear(self) -> None:
-        self.client.delete(self.name, f"_kombu.binding.{self.name}", f"_kombu.binding_permanent.{self.name}")
+        for name in (self.name, self.embed_name):
+            self.client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
 
 
 def job_id_of(raw_message: bytes) -> str:

@@ -4,7 +4,7 @@ from strings, so a typo in a request fails loudly instead of training with a def
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.domain import EvaluationSplit, JobKind
 
@@ -63,6 +63,19 @@ class EvaluateParams(JobParams):
     model: uuid.UUID | None = Field(None, description="default: the active model")
     split: EvaluationSplit = EvaluationSplit.TEST
     compare_to: uuid.UUID | None = Field(None, description="a second model scored on the same pairs")
+    calibrate: StrictBool = Field(
+        False,
+        description="store the threshold calibrated on val with the model, if it has none (split val only)",
+    )
+
+    @field_validator("calibrate")
+    @classmethod
+    def _calibrate_on_val(cls, calibrate: bool, info: ValidationInfo) -> bool:
+        # A threshold is chosen on held-out val pairs, as a fine-tune chooses it; test only judges it.
+        split = info.data.get("split")
+        if calibrate and split is not None and split != EvaluationSplit.VAL:
+            raise ValueError(f"calibrate needs split val, not {split}")
+        return calibrate
 
     def model_refs(self) -> dict[str, uuid.UUID | None]:
         refs: dict[str, uuid.UUID | None] = {"model": self.model}

@@ -14,11 +14,12 @@ from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
 from app.config import Settings
-from app.domain import Architecture, JobKind, ModelStatus
-from app.jobs.params import ReindexParams, ValidateModelParams
+from app.domain import Architecture, EvaluationSplit, JobKind, ModelStatus
+from app.jobs.params import EvaluateParams, ReindexParams, ValidateModelParams
 from app.jobs.submission import add_job
 from app.models.checkpoint_keys import KeysUnreadable, checkpoint_shapes, compare, fitting_arch
 from app.models.checkpoint_scan import CheckpointRejected, scan_checkpoint
+from app.models.serving import mark_embedded_if_complete
 from app.pagination import PageParams, fetch_page
 from app.problems import Problem, not_found
 from app.tables import Activation, Evaluation, Job, ModelVersion
@@ -263,7 +264,8 @@ def activate(
     reason: str | None = None,
     job_id: uuid.UUID | None = None,
 ) -> ActivationOutcome:
-    """Put a `ready` model in service, log who, why and what it replaced, and queue its reindex.
+    """Put a `ready` model in service, log who, why and what it replaced, and queue its reindex (and, for a
+    model without a threshold, an evaluate job that calibrates one on val).
 
     Does not commit: the caller's commit makes the activation visible and only then sends the reindex job.
     Activating the model already in service changes nothing and returns the activation in force, with no
@@ -290,6 +292,17 @@ def activate(
         params=ReindexParams(model=model.id),
         parent_job_id=job_id,
     )
+    # A model that already embeds every face (a rollback) serves at once; its reindex then finds nothing.
+    mark_embedded_if_complete(session, model.id)
+    if model.threshold is None:
+        # An uploaded base checkpoint has no threshold: calibrate one on val, as a fine-tune does.
+        add_job(
+            session=session,
+            settings=settings,
+            kind=JobKind.EVALUATE,
+            params=EvaluateParams(model=model.id, split=EvaluationSplit.VAL, calibrate=True),
+            parent_job_id=job_id,
+        )
     return ActivationOutcome(activation, reindex)
 
 

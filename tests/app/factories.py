@@ -11,9 +11,13 @@ from app.db import session_scope
 from app.tables import Activation, Face, Job, ModelVersion
 
 
-def insert_model(settings: Settings, *, status: str = "ready", arch: str = "mobilefacenet") -> uuid.UUID:
+def insert_model(
+    settings: Settings, *, status: str = "ready", arch: str = "mobilefacenet", threshold: float | None = None
+) -> uuid.UUID:
     with session_scope(settings.database_url) as session:
-        model = ModelVersion(arch=arch, status=status, sha256=uuid.uuid4().hex * 2, byte_size=1234)
+        model = ModelVersion(
+            arch=arch, status=status, sha256=uuid.uuid4().hex * 2, byte_size=1234, threshold=threshold
+        )
         session.add(model)
         session.flush()
         return model.id

@@ -84,6 +84,7 @@ class TestCreateJob:
             "model": str(active_model),
             "split": "test",
             "compare_to": str(other),
+            "calibrate": False,
         }
         assert reindex.status_code == 202
         assert reindex.json()["params"] == {"model": str(active_model)}
@@ -95,6 +96,9 @@ class TestCreateJob:
             ({"kind": "validate_model", "params": {}}, "kind"),
             ({"kind": "finetune", "params": {"epochz": 3}}, "epochz"),
             ({"kind": "evaluate", "params": {"split": "train"}}, "split"),
+            ({"kind": "evaluate", "params": {"calibrate": True}}, "calibrate"),
+            ({"kind": "evaluate", "params": {"split": "test", "calibrate": True}}, "calibrate"),
+            ({"kind": "evaluate", "params": {"split": "val", "calibrate": "yes"}}, "calibrate"),
             ({"kind": "finetune", "params": {"epochs": "ten"}}, "epochs"),
             ({"kind": "finetune", "params": {"epochs": "10"}}, "epochs"),
             ({"kind": "finetune", "params": {"epochs": 0}}, "epochs"),

@@ -368,7 +368,7 @@ class TestActivate:
     def test_activation_is_logged_and_queues_a_reindex(
         self, client: TestClient, settings: Settings, broker: QueueProbe
     ) -> None:
-        first, second = insert_model(settings), insert_model(settings)
+        first, second = insert_model(settings, threshold=0.4), insert_model(settings, threshold=0.5)
 
         one = client.post(f"/v1/models/{first}/activate")
         two = client.post(f"/v1/models/{second}/activate", json={"reason": "better on test", "actor": "ops"})
@@ -429,7 +429,7 @@ class TestActivate:
     def test_activating_the_active_model_changes_nothing(
         self, client: TestClient, settings: Settings, broker: QueueProbe
     ) -> None:
-        model = insert_model(settings)
+        model = insert_model(settings, threshold=0.4)
         first = client.post(f"/v1/models/{model}/activate").json()
 
         again = client.post(f"/v1/models/{model}/activate", json={"reason": "again"}).json()
@@ -441,7 +441,7 @@ class TestActivate:
     def test_the_worker_can_activate_within_its_own_transaction(
         self, settings: Settings, broker: QueueProbe
     ) -> None:
-        model = insert_model(settings)
+        model = insert_model(settings, threshold=0.4)
         finetune = insert_job(settings, status="running")
 
         with session_scope(settings.database_url) as session:
@@ -460,6 +460,52 @@ class TestActivate:
             assert (stored.model_id, stored.job_id, stored.actor) == (model, finetune, "auto-promote")
             assert reindex.parent_job_id == finetune
         assert broker.sent_job_ids() == [str(reindex.id)]
+
+    def test_a_model_without_a_threshold_gets_a_calibration_on_val(
+        self, client: TestClient, settings: Settings, broker: QueueProbe
+    ) -> None:
+        uncalibrated, calibrated = insert_model(settings), insert_model(settings, threshold=0.4)
+
+        one = client.post(f"/v1/models/{uncalibrated}/activate").json()
+        two = client.post(f"/v1/models/{calibrated}/activate").json()
+
+        with session_scope(settings.database_url) as session:
+            evaluations = session.query(Job).filter(Job.kind == "evaluate").all()
+        (evaluation,) = evaluations
+        assert evaluation.params == {
+            "model": str(uncalibrated),
+            "split": "val",
+            "compare_to": None,
+            "calibrate": True,
+        }
+        sent = {one["reindex_job_id"], str(evaluation.id), two["reindex_job_id"]}
+        assert sorted(broker.sent_job_ids()) == sorted(sent)
+
+    def test_a_rollback_to_a_model_covering_every_face_serves_at_once(
+        self, client: TestClient, settings: Settings, broker: QueueProbe
+    ) -> None:
+        from app.models.serving import serving_model
+        from app.tables import Face, FaceEmbedding
+
+        old, new = insert_model(settings, threshold=0.4), insert_model(settings, threshold=0.4)
+        with session_scope(settings.database_url) as session:
+            face = Face(sha256="ab" * 32, byte_size=1, media_type="image/png", width=1, height=1, channels=3)
+            face.split = "train"
+            session.add(face)
+            session.flush()
+            session.add(FaceEmbedding(face_id=face.id, model_id=old, vector=b"\0" * 512, quality=1.0))
+
+        client.post(f"/v1/models/{old}/activate")
+        with session_scope(settings.database_url) as session:
+            assert serving_model(session).id == old, "old covered every face when activated"
+        client.post(f"/v1/models/{new}/activate")
+        with session_scope(settings.database_url) as session:
+            assert serving_model(session).id == old, "new embeds nothing yet: old keeps serving"
+        client.post(f"/v1/models/{old}/activate", json={"reason": "rollback"})
+        with session_scope(settings.database_url) as session:
+            assert serving_model(session).id == old
+            latest = session.query(Activation).order_by(Activation.created_at.desc()).first()
+            assert latest.reason == "rollback" and latest.embedded_at is not None
 
 
 class TestCheckpointScan:

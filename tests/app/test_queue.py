@@ -75,6 +75,33 @@ def test_enqueue_job_sends_the_id_to_the_gpu_queue(settings: Settings, broker: r
         assert session.get(Job, job_id).enqueued_at is not None
 
 
+def test_embed_jobs_go_to_the_embed_queue_and_everything_else_to_gpu(
+    settings: Settings, broker: redis.Redis
+) -> None:
+    embed, reindex = _queued_job(settings, "embed"), _queued_job(settings, "reindex")
+
+    enqueue_job(settings, embed, "embed")
+    enqueue_job(settings, reindex, "reindex")
+
+    assert [job_id_of(raw) for raw in broker.lrange("embed", 0, -1)] == [str(embed)]
+    assert json.loads(broker.lindex("embed", 0))["headers"]["task"] == "magtune.embed"
+    assert [job_id_of(raw) for raw in broker.lrange("gpu", 0, -1)] == [str(reindex)], (
+        "a reindex (every face, after an activation) stays on the gpu queue"
+    )
+
+
+def test_worker_routes_match_the_senders(settings: Settings) -> None:
+    from app.queue import queue_for, task_routes
+
+    celery = make_celery(settings)
+    celery.conf.task_routes = task_routes(settings)
+    router = celery.amqp.router
+    for kind in ("finetune", "evaluate", "reindex", "validate_model", "embed"):
+        route = router.route({}, f"magtune.{kind}")
+        assert route["queue"].name == queue_for(settings, kind), kind
+    assert queue_for(settings, "embed") == "embed" and queue_for(settings, "finetune") == "gpu"
+
+
 def test_enqueue_job_raises_and_leaves_the_row_unsent_when_the_broker_is_down(
     settings: Settings, broker: redis.Redis
 ) -> None:

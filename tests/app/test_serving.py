@@ -107,7 +107,8 @@ def test_arrivals_coalesce_into_one_queued_embedding_job_per_model(
     with session_scope(settings.database_url) as session:
         third = request_embedding(session, settings)
     assert len(third) == 1
-    assert sorted(broker.sent_job_ids()) == sorted(str(job_id) for job_id in first + third)
+    assert sorted(broker.sent_job_ids(broker.embed_name)) == sorted(str(job_id) for job_id in first + third)
+    assert broker.sent_job_ids() == [], "embed jobs go to the embed queue, not the gpu queue"
 
 
 def test_concurrent_arrivals_add_one_job(settings: Settings) -> None:

@@ -22,7 +22,8 @@ from tests.services import CLOSED_PORT_BROKER, COMPOSE_REDIS_DB, dedicated_redis
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
-MAGTUNE_SERVICES = ("migrate", "api", "worker")
+MAGTUNE_SERVICES = ("migrate", "api", "worker", "embed-worker")
+WORKERS = ("worker", "embed-worker")
 TABLES = {
     "faces",
     "feedback",
@@ -82,8 +83,8 @@ def _healthcheck(service: dict[str, Any]) -> str:
 # The files as data.
 
 
-def test_compose_runs_the_five_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+def test_compose_runs_the_six_services(services: dict[str, Any]) -> None:
+    assert set(services) == {"postgres", "redis", "migrate", "api", "worker", "embed-worker"}
 
 
 def test_magtune_services_share_one_settings_block(compose: dict[str, Any], services: dict[str, Any]) -> None:
@@ -95,7 +96,7 @@ def test_magtune_services_share_one_settings_block(compose: dict[str, Any], serv
     assert shared["MAGTUNE_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert shared["MAGTUNE_BROKER_URL"].startswith("redis://redis:6379/")
     image = {services[name]["image"] for name in MAGTUNE_SERVICES}
-    assert len(image) == 1, "migrate, api and worker run one image"
+    assert len(image) == 1, "migrate, api and both workers run one image"
 
 
 def test_database_password_is_shared_with_postgres(compose: dict[str, Any], services: dict[str, Any]) -> None:
@@ -114,7 +115,7 @@ def test_backing_services_have_healthchecks(services: dict[str, Any]) -> None:
 
 def test_start_order_waits_for_health_and_the_migration(services: dict[str, Any]) -> None:
     assert _depends(services["migrate"]) == {"postgres": "service_healthy"}
-    for name in ("api", "worker"):
+    for name in ("api", *WORKERS):
         depends = _depends(services[name])
         assert depends["migrate"] == "service_completed_successfully", name
         assert depends["redis"] == "service_healthy", name
@@ -135,6 +136,50 @@ def test_commands_are_the_cli_commands(services: dict[str, Any]) -> None:
     worker = _cli_args(services["worker"])
     assert worker.handler is service_commands.run_worker
     assert (worker.queue, worker.concurrency) == ("gpu", 1)
+    embed = _cli_args(services["embed-worker"])
+    assert embed.handler is service_commands.run_worker
+    assert (embed.queue, embed.concurrency) == ("embed", 1)
+
+
+def test_queue_names_match_the_settings_defaults(compose: dict[str, Any]) -> None:
+    from app.config import Settings
+
+    shared = compose["x-magtune-env"]
+    defaults = Settings(database_url="sqlite://", broker_url="memory://")
+    assert shared["MAGTUNE_QUEUE_NAME"] == defaults.queue_name
+    assert shared["MAGTUNE_EMBED_QUEUE_NAME"] == defaults.embed_queue_name
+
+
+def _celery_argv(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The arguments the service's `magtune worker` command hands to Celery, captured instead of run."""
+    from worker.celery_app import celery_app
+
+    captured: list[str] = []
+    monkeypatch.setattr(celery_app, "start", lambda argv: captured.extend(argv))
+    args = _cli_args(service)
+    args.handler(args)
+    return captured
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_gpu_worker_gets_a_fresh_child_per_job_and_the_embed_worker_keeps_its_child(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.config import get_settings
+
+    gpu = _celery_argv(services["worker"], monkeypatch)
+    assert (_option(gpu, "--queues"), _option(gpu, "--max-tasks-per-child")) == ("gpu", "1")
+    assert _option(gpu, "--hostname") is None, "the gpu worker keeps Celery's node name celery@host"
+    embed = _celery_argv(services["embed-worker"], monkeypatch)
+    per_child = str(get_settings().embed_worker_max_tasks_per_child)
+    assert (_option(embed, "--queues"), _option(embed, "--max-tasks-per-child")) == ("embed", per_child)
+    assert int(per_child) > 1
+    assert _option(embed, "--hostname") == "embed@%h", "the compose healthcheck pings embed@$HOSTNAME"
+    for argv in (gpu, embed):
+        assert (_option(argv, "--pool"), _option(argv, "--prefetch-multiplier")) == ("prefork", "1")
 
 
 def test_api_port_is_published(services: dict[str, Any]) -> None:
@@ -142,16 +187,17 @@ def test_api_port_is_published(services: dict[str, Any]) -> None:
     assert "8000:8000" in published
 
 
-def test_worker_reserves_one_gpu(services: dict[str, Any]) -> None:
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+def test_workers_reserve_one_gpu(services: dict[str, Any]) -> None:
+    for name in WORKERS:
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
     assert "deploy" not in services["api"], "the api needs no GPU"
 
 
 def test_api_and_worker_share_the_blob_store(compose: dict[str, Any], services: dict[str, Any]) -> None:
     data_dir = compose["x-magtune-env"]["MAGTUNE_DATA_DIR"]
-    mounts = {name: set(services[name]["volumes"]) for name in ("api", "worker")}
-    shared = mounts["api"] & mounts["worker"]
+    mounts = {name: set(services[name]["volumes"]) for name in ("api", *WORKERS)}
+    shared = mounts["api"] & mounts["worker"] & mounts["embed-worker"]
     assert any(mount.endswith(f":{data_dir}") for mount in shared)
     volume = next(mount.split(":")[0] for mount in shared if mount.endswith(f":{data_dir}"))
     assert volume in compose["volumes"], "a named volume, not a host path"
@@ -303,4 +349,18 @@ def test_worker_command_consumes_the_gpu_queue_from_redis(
         worker.wait_for_log(r"celery@\S+ ready")
         assert redis.Redis.from_url(redis_broker).exists("_kombu.binding.gpu")
         assert not _loads_torch(worker.pid), "no CUDA (nor torch) in the worker's parent process"
+        assert worker.stop(signal.SIGTERM) == 0, "a warm shutdown exits cleanly"
+
+
+@pytest.mark.slow
+def test_embed_worker_command_consumes_the_embed_queue_and_keeps_its_child(
+    compose: dict[str, Any], postgres_database: str, redis_broker: str, tmp_path: Path
+) -> None:
+    settings = _migrated_settings(compose, postgres_database, redis_broker, tmp_path)
+    args = _command(compose["services"]["embed-worker"])[1:]
+    with ServiceProcess("embed-worker", args, service_environment(settings), tmp_path) as worker:
+        worker.wait_for_log(r"embed@\S+ ready")
+        assert redis.Redis.from_url(redis_broker).exists("_kombu.binding.embed")
+        assert not redis.Redis.from_url(redis_broker).exists("_kombu.binding.gpu"), "only the embed queue"
+        assert not _loads_torch(worker.pid), "no torch in the worker's parent process"
         assert worker.stop(signal.SIGTERM) == 0, "a warm shutdown exits cleanly"

@@ -195,7 +195,7 @@ def test_up_refuses_a_busy_port_at_once_and_starts_nothing(tmp_path: Path) -> No
     assert not data_dir.exists(), "nothing was migrated, no broker database created"
 
 
-def test_up_prints_where_everything_is_last_once_both_processes_are_ready(tmp_path: Path) -> None:
+def test_up_prints_where_everything_is_last_once_every_process_is_ready(tmp_path: Path) -> None:
     port, data_dir = free_port(), tmp_path / "data"
     api_url = f"http://127.0.0.1:{port}"
     args = ["up", "--port", str(port), "--data-dir", str(data_dir)]
@@ -205,12 +205,17 @@ def test_up_prints_where_everything_is_last_once_both_processes_are_ready(tmp_pa
         tail = [line for line in up.log_text().splitlines() if line.strip()][-5:]
         docs = httpx.get(f"{api_url}/docs", timeout=10.0)
         assert up.stop(signal.SIGINT, timeout_s=60) == 0
-    assert tail[0] == f"magtune api listening on {api_url}; the worker is ready; Ctrl-C stops both"
+    assert tail[0] == (
+        f"magtune api listening on {api_url}; the gpu and embed workers are ready; Ctrl-C stops all"
+    )
     assert [line.split()[:2] for line in tail[1:]] == [
         ["docs:", f"{api_url}/docs"],
         ["data:", str(data_dir.resolve())],
         ["database:", f"sqlite:///{data_dir.resolve() / 'magtune.db'}"],
         ["broker:", f"sqla+sqlite:///{data_dir.resolve() / 'broker.db'}"],
     ]
-    assert "celery@" in up.log_text() and "ready." in up.log_text(), "the worker's own log is relayed"
+    log = up.log_text()
+    assert re.search(r"celery@\S+ ready\.", log), "the gpu worker's own log is relayed"
+    assert re.search(r"embed@\S+ ready\.", log), "the embed worker's own log is relayed"
+    assert re.search(r"\.> embed +exchange=embed", log), "the embed worker consumes the embed queue"
     assert docs.status_code == 200

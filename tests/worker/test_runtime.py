@@ -320,12 +320,14 @@ def test_the_tasks_are_registered_and_the_parent_never_imports_torch() -> None:
         "print(names)\n"
         "print(celery_app.conf.task_default_queue, celery_app.conf.task_acks_late)\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('worker.ml')))\n"
+        "print(celery_app.amqp.router.route({}, 'magtune.embed')['queue'].name)\n"
     )
     output = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert output[0] == str(
-        ["magtune.evaluate", "magtune.finetune", "magtune.reindex", "magtune.validate_model"]
+        ["magtune.embed", "magtune.evaluate", "magtune.finetune", "magtune.reindex", "magtune.validate_model"]
     )
     assert output[1] == "gpu True"
     assert output[2] == "[]"
+    assert output[3] == "embed", "a worker that sends an embed task routes it as the api does"

@@ -1,13 +1,15 @@
-"""`magtune up`: the whole service on one machine, as a migration and two supervised child processes.
+"""`magtune up`: the whole service on one machine, as a migration and three supervised child processes.
 
-The api and the worker run as `magtune serve` and `magtune worker` children, each in a process group of its
-own: Ctrl-C in a terminal reaches only this supervisor, which then stops each child exactly once (SIGTERM:
-uvicorn drains requests, Celery finishes or hands back its job), so Celery never sees the second signal that
-would make it abandon a job. When either child dies, the other is stopped and `up` exits non-zero.
+The api and the two workers run as `magtune serve`, `magtune worker` (the gpu queue: fine-tunes, evaluations,
+reindexes, validations) and `magtune worker --queue embed` (faces embedded on arrival, with the models kept
+loaded) children, each in a process group of its own: Ctrl-C in a terminal reaches only this supervisor,
+which then stops each child exactly once (SIGTERM: uvicorn drains requests, Celery finishes or hands back its
+job), so Celery never sees the second signal that would make it abandon a job. When any child dies, the
+others are stopped and `up` exits non-zero.
 
 Start-up is in order, so that a failure stops it early and the last thing printed says where everything is:
 the port is checked first (a busy port is one line and exit 2, with nothing started: no second worker joins
-another instance's broker), then the database is migrated, the api started and awaited on /readyz, then the
+another instance's broker), then the database is migrated, the api started and awaited on /readyz, then each
 worker started and awaited until Celery says it is ready, and only then the summary is printed.
 """
 
@@ -80,6 +82,7 @@ class Where:
     data_dir: Path
     database: str
     broker: str
+    embed_queue: str = "embed"
 
 
 def run_embedded(*, host: str, port: int, data_dir: str | None, stop_timeout_s: float) -> int:
@@ -94,7 +97,7 @@ def run_embedded(*, host: str, port: int, data_dir: str | None, stop_timeout_s: 
     api_url = f"http://{_client_host(host)}:{port}"
     children: list[Child] = []
     try:
-        failed = _start(children, stop, host=host, port=port, api_url=api_url)
+        failed = _start(children, stop, host=host, port=port, api_url=api_url, embed_queue=where.embed_queue)
         if not failed and not stop.requested.is_set():
             print(summary(api_url, where), flush=True)
             failed = _supervise(children, stop)
@@ -128,14 +131,14 @@ def _in_use(exc: BaseException) -> bool:
 
 
 def summary(api_url: str, where: Where) -> str:
-    """What `up` prints once both processes are up: where to send requests and where the data lives."""
+    """What `up` prints once every process is up: where to send requests and where the data lives."""
     rows = [
         ("docs", f"{api_url}/docs"),
         ("data", str(where.data_dir)),
         ("database", where.database),
         ("broker", where.broker),
     ]
-    lines = [f"magtune api listening on {api_url}; the worker is ready; Ctrl-C stops both"]
+    lines = [f"magtune api listening on {api_url}; the gpu and embed workers are ready; Ctrl-C stops all"]
     lines += [f"  {name + ':':<10}{value}" for name, value in rows]
     return "\n".join(lines)
 
@@ -159,7 +162,12 @@ def _prepare_database() -> Where:
     # The children resolve the data directory exactly as this process did, whatever their working directory.
     os.environ["MAGTUNE_DATA_DIR"] = str(settings.data_dir.resolve())
     upgrade_database(settings.database_url)
-    return Where(settings.data_dir.resolve(), redacted(settings.database_url), redacted(settings.broker_url))
+    return Where(
+        settings.data_dir.resolve(),
+        redacted(settings.database_url),
+        redacted(settings.broker_url),
+        settings.embed_queue_name,
+    )
 
 
 def _child_setup() -> None:
@@ -181,30 +189,36 @@ def _spawn(name: str, command: list[str], *, piped: bool = False) -> Child:
 
 
 def _relay(stream: IO[bytes], ready: threading.Event) -> None:
-    """Copy the worker's output to our stderr line by line; set `ready` at Celery's "celery@HOST ready."."""
+    """Copy a worker's output to our stderr line by line; set `ready` at Celery's "NODE@HOST ready."."""
     for line in iter(stream.readline, b""):
         # Keep draining when our stderr is gone (a closed pipe): a full pipe would block the worker's logging.
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.buffer.write(line)
             sys.stderr.buffer.flush()
-        if b"celery@" in line and line.rstrip().endswith(b" ready."):
+        if b"@" in line and line.rstrip().endswith(b" ready."):
             ready.set()  # after the line is out, so the summary printed on it comes after it
 
 
-def _start(children: list[Child], stop: StopRequest, *, host: str, port: int, api_url: str) -> bool:
-    """The api, then the worker, each awaited; True when one died or did not get ready in time."""
+def _start(
+    children: list[Child], stop: StopRequest, *, host: str, port: int, api_url: str, embed_queue: str
+) -> bool:
+    """The api, then the gpu worker, then the embed worker, each awaited; True when one died or did not get
+    ready in time."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     children.append(_spawn("api", ["serve", "--host", host, "--port", str(port)]))
     if _await(children, stop, deadline, lambda: _answers(f"{api_url}/readyz"), f"the api on {api_url}"):
         return True
-    if stop.requested.is_set():
-        return False
-    worker = _spawn("worker", ["worker"], piped=True)
-    children.append(worker)
-    ready = threading.Event()
-    assert worker.process.stdout is not None
-    threading.Thread(target=_relay, args=(worker.process.stdout, ready), daemon=True).start()
-    return _await(children, stop, deadline, ready.is_set, "the worker")
+    for name, command in (("worker", ["worker"]), ("embed worker", ["worker", "--queue", embed_queue])):
+        if stop.requested.is_set():
+            return False
+        worker = _spawn(name, command, piped=True)
+        children.append(worker)
+        ready = threading.Event()
+        assert worker.process.stdout is not None
+        threading.Thread(target=_relay, args=(worker.process.stdout, ready), daemon=True).start()
+        if _await(children, stop, deadline, ready.is_set, f"the {name}"):
+            return True
+    return False
 
 
 def _await(

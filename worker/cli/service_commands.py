@@ -142,10 +142,13 @@ def _register_worker(subparsers: argparse._SubParsersAction) -> None:
         "worker",
         help="run a Celery worker for the job queue",
         description="One job at a time per GPU: prefork pool, and a fresh child process for every job so "
-        "that no CUDA state outlives a job and the parent process never touches CUDA. Long-running: no "
-        "--json.",
+        "that no CUDA state outlives a job and the parent process never touches CUDA. On the embed queue "
+        "(MAGTUNE_EMBED_QUEUE_NAME) the child process is kept for MAGTUNE_EMBED_WORKER_MAX_TASKS_PER_CHILD "
+        "jobs, so that small embedding jobs reuse its loaded models. Long-running: no --json.",
     )
-    parser.add_argument("--queue", help="queue to consume (default: MAGTUNE_QUEUE_NAME, else gpu)")
+    parser.add_argument(
+        "--queue", help="queue to consume: gpu or embed (default: MAGTUNE_QUEUE_NAME, else gpu)"
+    )
     parser.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1: one per GPU)")
     parser.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
     parser.set_defaults(handler=run_worker)
@@ -155,7 +158,12 @@ def run_worker(args: argparse.Namespace) -> int:
     from app.config import get_settings
     from worker.celery_app import celery_app
 
-    queue = args.queue or get_settings().queue_name
+    settings = get_settings()
+    queue = args.queue or settings.queue_name
+    # A long gpu job gets a fresh child (no CUDA state outlives it); embed jobs are small and many, so their
+    # child is kept and pays the torch import and model load once (worker/jobs/model_cache.py). The embed
+    # worker's node is `embed@host`, so it and a gpu worker (`celery@host`) can share a machine.
+    per_child = settings.embed_worker_max_tasks_per_child if queue == settings.embed_queue_name else 1
     argv = [
         "worker",
         "--queues",
@@ -165,7 +173,8 @@ def run_worker(args: argparse.Namespace) -> int:
         "--pool",
         "prefork",
         "--max-tasks-per-child",
-        "1",
+        str(per_child),
+        *(["--hostname", f"{queue}@%h"] if queue == settings.embed_queue_name else []),
         "--prefetch-multiplier",
         "1",
         "--loglevel",

@@ -17,7 +17,8 @@ HANDLER_MODULES: MappingProxyType[JobKind, str] = MappingProxyType(
         JobKind.EVALUATE: "worker.jobs.evaluate",
         JobKind.REINDEX: "worker.jobs.reindex",
         JobKind.VALIDATE_MODEL: "worker.jobs.validate_model",
-        JobKind.EMBED: "worker.jobs.reindex",  # the same pass: embed every face the model is missing
+        # One embedding pass for both: embed every face the model is missing (the embed queue runs `embed`).
+        JobKind.EMBED: "worker.jobs.reindex",
     }
 )
 KINDS: tuple[str, ...] = tuple(kind.value for kind in HANDLER_MODULES)

@@ -4,18 +4,28 @@ Each model is judged at its own threshold: the one stored with it, or, for a mod
 calibrated on the val pairs with that model; `threshold_source` in the metrics says which. Each score becomes
 an Evaluation row carrying the pairs' hash, so two evaluations on identical pairs can be told apart from
 evaluations on a set that has since grown.
+
+With `calibrate` (split val only; queued when a model without a threshold is activated), the threshold
+calibrated on val is also stored with the model, unless it has one by then: an uploaded base checkpoint gets
+the same kind of threshold a fine-tune gives its checkpoint, from held-out feedback.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
 from app.domain import EvaluationSplit
-from app.tables import Evaluation
+from app.tables import Evaluation, ModelVersion
 from worker.jobs.data import (
     FeedbackRow,
     decode_faces,
     face_digests,
+    has_both_labels,
     indexed_pairs,
     label_counts,
     load_feedback,
@@ -24,6 +34,7 @@ from worker.jobs.data import (
 from worker.jobs.registry import (
     LoadedModel,
     blob_store,
+    calibrated_threshold,
     load_model,
     model_row,
     record_evaluation,
@@ -33,6 +44,8 @@ from worker.ml.embedding import select_device
 from worker.ml.evaluation import ModelUnderTest, compare_models, evaluate
 from worker.ml.pairs import IndexedPairs
 from worker.runtime import JobContext, JobFailed
+
+log = logging.getLogger(__name__)
 
 # The sets an Evaluation row may name (the api refuses `train` for the same reason: the model saw it).
 SPLITS: tuple[str, ...] = tuple(split.value for split in EvaluationSplit)
@@ -55,6 +68,13 @@ def _pairs(
         sets = load_feedback(session)
         digests = face_digests(session)
     rows, val_rows = sets.pairs[split], sets.pairs["val"]
+    if ctx.params.get("calibrate") and not has_both_labels(val_rows):
+        counts = label_counts(val_rows)
+        raise JobFailed(
+            "not-enough-feedback",
+            "Cannot calibrate a threshold",
+            f"cannot calibrate: val has {counts['same']} same and {counts['different']} different pairs",
+        )
     if not rows:
         raise JobFailed("not-enough-feedback", "No pairs to evaluate", f"the {split} split has no pairs")
     pixels = decode_faces(blob_store(ctx.settings), digests, sets.faces(split, "val"), size=size)
@@ -66,13 +86,23 @@ def run(ctx: JobContext) -> dict[str, Any]:
     split = str(ctx.params.get("split", EvaluationSplit.TEST))
     if split not in SPLITS:
         raise JobFailed("invalid-job-params", "Invalid job parameters", f"split must be one of {SPLITS}")
+    calibrate = bool(ctx.params.get("calibrate"))
+    if calibrate and split != EvaluationSplit.VAL:
+        raise JobFailed("invalid-job-params", "Invalid job parameters", "calibrate needs split val")
     ctx.progress(phase="loading", force=True)
     model, other = _models(ctx)
     rows, pairs, val = _pairs(ctx, split, model.spec.size)
     ctx.raise_if_cancelled("before scoring")
     device = select_device()
     ctx.progress(phase="scoring", pairs=len(rows), force=True)
-    threshold, source = threshold_for(model, val, device=device)
+    calibrated: float | None = None
+    if calibrate:
+        calibrated = calibrated_threshold(model, val, device=device)
+        # Judged at the threshold the model will have: its own if it got one meanwhile, else this one.
+        own = model.threshold is not None
+        threshold, source = (model.threshold, "model") if own else (calibrated, "val")
+    else:
+        threshold, source = threshold_for(model, val, device=device)
     result: dict[str, Any] = {
         "model_id": str(model.id),
         "split": split,
@@ -95,6 +125,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         )
         metrics = comparison["candidate"]
     with ctx.session() as session:
+        if calibrate:
+            result["calibration"] = _store_threshold(session, model.id, calibrated)
         evaluation = record_evaluation(
             session, model_id=model.id, job_id=ctx.job.id, split=split, rows=rows, metrics=metrics
         )
@@ -115,5 +147,27 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 "metrics": comparison["baseline"],
                 "deltas": comparison["deltas"],
             }
+    if calibrate:
+        outcome = "stored" if result["calibration"]["stored"] else "not stored: the model has one already"
+        log.info(
+            "job %s: threshold %.4f calibrated on val for model %s (%s)",
+            ctx.job.id,
+            calibrated,
+            model.id,
+            outcome,
+        )
     ctx.progress(phase="done", pairs=len(rows), force=True)
     return result
+
+
+def _store_threshold(session: Session, model_id: uuid.UUID, threshold: float | None) -> dict[str, Any]:
+    """Give the model the calibrated threshold unless it has one by now (a fine-tune's, or an earlier
+    calibration's): one conditional UPDATE, so two calibrations never overwrite each other."""
+    statement = (
+        update(ModelVersion)
+        .where(ModelVersion.id == model_id, ModelVersion.threshold.is_(None))
+        .values(threshold=threshold)
+        .returning(ModelVersion.id)
+    )
+    stored = threshold is not None and session.execute(statement).first() is not None
+    return {"threshold": threshold, "stored": stored}

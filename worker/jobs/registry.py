@@ -78,13 +78,19 @@ def threshold_for(
     """(threshold, source): the model's stored threshold ("model"), else one calibrated on val ("val")."""
     if model.threshold is not None:
         return model.threshold, "model"
+    threshold = calibrated_threshold(model, val, device=device)
+    return threshold, ("val" if threshold is not None else None)
+
+
+def calibrated_threshold(model: LoadedModel, val: IndexedPairs | None, *, device: Any = None) -> float | None:
+    """The best-accuracy threshold of the model on the val pairs, as a fine-tune calibrates its checkpoint's;
+    None when val lacks same or different pairs."""
     if val is None or len(val) == 0:
-        return None, None
+        return None
     from worker.ml.evaluation import score_pairs
 
     scores = score_pairs(model.backbone, model.spec, val, device=device)
-    threshold = calibrate_threshold(scores, val.labels.numpy())
-    return threshold, ("val" if threshold is not None else None)
+    return calibrate_threshold(scores, val.labels.numpy())
 
 
 def record_evaluation(

@@ -1,44 +1,219 @@
-"""The reindex job in-process against real PostgreSQL, the MobileFaceNet checkpoint and the johns faces."""
+"""The embedding pass (`reindex` and `embed` jobs) in-process against real PostgreSQL, the MobileFaceNet
+checkpoint and the johns faces: only missing faces, one generation per batch, resumable, arrivals taken."""
 
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+import pytest
+from sqlalchemy import delete, select, update
 
 from app.blobs import BlobStore
 from app.config import Settings
 from app.db import session_scope
-from app.tables import FaceEmbedding
-from tests.worker.factories import add_face, add_job, add_ready_base, get_job, run_in_process
+from app.models.serving import serving_model
+from app.tables import Activation, EmbeddingGeneration, Face, FaceEmbedding, Job
+from tests.worker.factories import TIMINGS, add_face, add_job, add_ready_base, get_job, run_in_process
 from tests.worker.johns import johns_images
+from worker.jobs import model_cache
+from worker.jobs import reindex as embedding_pass
+from worker.runtime import Timings
+
+# Cancellation is read before every batch, so a test can stop the pass exactly after its first one.
+EVERY_BATCH = Timings(heartbeat_interval_s=5.0, progress_interval_s=0.0, cancel_check_interval_s=0.0)
 
 
-def test_reindex_embeds_every_face_and_leaves_other_models_alone(
+def _images(johns_dir: Path, count: int) -> list[bytes]:
+    paths = [p for group in johns_images(johns_dir).values() for p in group]
+    distinct = list(dict.fromkeys(p.read_bytes() for p in paths))
+    return distinct[:count]
+
+
+def _generations(settings: Settings, model_id: uuid.UUID) -> dict[int, int]:
+    """Rows of the model per generation."""
+    with session_scope(settings.database_url) as session:
+        rows = session.scalars(select(FaceEmbedding.generation).where(FaceEmbedding.model_id == model_id))
+        return dict(sorted(Counter(rows).items()))
+
+
+def _counter(settings: Settings, model_id: uuid.UUID) -> int | None:
+    with session_scope(settings.database_url) as session:
+        row = session.get(EmbeddingGeneration, model_id)
+        return row.generation if row is not None else None
+
+
+def _after_each_write(monkeypatch: pytest.MonkeyPatch, hook: Callable[[int], None]) -> None:
+    """Call hook(batch number) after each batch the pass writes."""
+    write = embedding_pass._write
+    calls = 0
+
+    def spied(ctx: Any, model_id: uuid.UUID, rows: list[dict[str, Any]]) -> tuple[int, int | None]:
+        nonlocal calls
+        written = write(ctx, model_id, rows)
+        calls += 1
+        hook(calls)
+        return written
+
+    monkeypatch.setattr(embedding_pass, "_write", spied)
+
+
+def test_reindex_embeds_only_missing_faces_one_generation_per_batch_and_a_rerun_writes_nothing(
     settings: Settings, store: BlobStore, johns_dir: Path, mobilefacenet_checkpoint: Path
 ) -> None:
     settings.reindex_batch_size = 4
-    paths = johns_images(johns_dir, ["John_Simm", "John_Salley"], per_person=5)
+    images = _images(johns_dir, 10)
     with session_scope(settings.database_url) as session:
         base = add_ready_base(session, store, mobilefacenet_checkpoint)
         older = add_ready_base(session, store, mobilefacenet_checkpoint)
-        faces = [
-            add_face(session, store, p.read_bytes(), settings) for group in paths.values() for p in group
-        ]
-        broken = add_face(session, store, paths["John_Simm"][0].read_bytes()[:300], settings)
-        session.add(FaceEmbedding(face_id=faces[0].id, model_id=older.id, vector=b"\0" * 512, quality=1.0))
+        faces = [add_face(session, store, data, settings) for data in images]
+        broken = add_face(session, store, images[0][:300], settings)
+        kept = b"\1" * 512  # an existing row is never recomputed: its bytes stay what they were
+        session.add(FaceEmbedding(face_id=faces[0].id, model_id=base.id, vector=kept, quality=1.0))
+        session.add(FaceEmbedding(face_id=faces[1].id, model_id=older.id, vector=b"\0" * 512, quality=1.0))
         job = add_job(session, "reindex", {"model": str(base.id)})
 
     assert run_in_process(settings, job.id).status == "succeeded"
     with session_scope(settings.database_url) as session:
-        job = get_job(session, job.id)
-        assert job.result["faces"] == len(faces) + 1
-        assert (job.result["embedded"], job.result["skipped"]) == (len(faces), 1)
-        assert job.progress["step"] == job.progress["steps"] == 3
+        done = get_job(session, job.id)
+        result, progress = done.result, done.progress
         rows = session.scalars(select(FaceEmbedding).where(FaceEmbedding.model_id == base.id)).all()
         assert {row.face_id for row in rows} == {face.id for face in faces}
-        assert broken.id not in {row.face_id for row in rows}
-        vectors = np.stack([np.frombuffer(row.vector, dtype=np.float32) for row in rows])
-        assert vectors.shape == (len(faces), 128)
-        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-        assert all(row.quality > 0 for row in rows)
-        assert session.get(FaceEmbedding, (faces[0].id, older.id)) is not None
+        assert session.get(FaceEmbedding, (faces[0].id, base.id)).vector == kept
+        assert session.get(FaceEmbedding, (faces[1].id, older.id)) is not None, "other models left alone"
+        new = [row for row in rows if row.vector != kept]
+        vectors = np.stack([np.frombuffer(row.vector, dtype=np.float32) for row in new])
+        assert session.get(FaceEmbedding, (broken.id, base.id)) is None
+    assert vectors.shape == (9, 128)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert result["missing"] == 10  # nine faces and the broken one
+    assert (result["embedded"], result["skipped"], result["still_missing"]) == (9, 1, 1)
+    assert result["complete"] is False, "the broken face is still missing"
+    assert (progress["phase"], progress["embedded"], progress["skipped"]) == ("done", 9, 1)
+    generations = _generations(settings, base.id)
+    assert generations.pop(0) == 1, "the row written before generations existed"
+    assert list(generations) == list(range(1, len(generations) + 1)), "one increasing number per batch"
+    assert all(count <= 4 for count in generations.values()) and sum(generations.values()) == 9
+    assert result["generation"] == _counter(settings, base.id) == max(generations)
+
+    loads = model_cache.loads()
+    with session_scope(settings.database_url) as session:
+        again = add_job(session, "embed", {"model": str(base.id)})
+    assert run_in_process(settings, again.id).status == "succeeded"
+    with session_scope(settings.database_url) as session:
+        result = get_job(session, again.id).result
+    assert (result["embedded"], result["skipped"], result["still_missing"]) == (0, 1, 1)
+    assert _counter(settings, base.id) == max(generations), "nothing written, no generation taken"
+    assert model_cache.loads() == loads, "the second job reused the loaded model"
+
+
+def test_a_cancelled_pass_resumes_with_what_is_missing_and_the_serving_model_switches_at_completion(
+    settings: Settings,
+    store: BlobStore,
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings.reindex_batch_size = 4
+    with session_scope(settings.database_url) as session:
+        serving = add_ready_base(session, store, mobilefacenet_checkpoint)
+        session.add(Activation(model_id=serving.id, actor="test", embedded_at=datetime(2026, 1, 1)))
+        session.flush()
+        base = add_ready_base(session, store, mobilefacenet_checkpoint)
+        session.add(Activation(model_id=base.id, actor="test", reason="switch"))
+        for data in _images(johns_dir, 10):
+            add_face(session, store, data, settings)
+        first = add_job(session, "reindex", {"model": str(base.id)})
+
+    def cancel_after_the_first(batch: int) -> None:
+        with session_scope(settings.database_url) as session:
+            session.execute(update(Job).where(Job.id == first.id).values(cancel_requested=True))
+
+    with monkeypatch.context() as patch:
+        _after_each_write(patch, cancel_after_the_first)
+        assert run_in_process(settings, first.id, EVERY_BATCH).status == "cancelled"
+    assert _generations(settings, base.id) == {1: 4}
+    with session_scope(settings.database_url) as session:
+        assert serving_model(session).id == serving.id, "a half-embedded model does not serve"
+        second = add_job(session, "reindex", {"model": str(base.id)})
+
+    assert run_in_process(settings, second.id).status == "succeeded"
+    assert _generations(settings, base.id) == {1: 4, 2: 4, 3: 2}
+    with session_scope(settings.database_url) as session:
+        result = get_job(session, second.id).result
+        assert (result["missing"], result["embedded"], result["complete"]) == (6, 6, True)
+        assert serving_model(session).id == base.id, "complete: the new model serves"
+
+
+def test_faces_stored_during_the_pass_are_embedded_by_it(
+    settings: Settings,
+    store: BlobStore,
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings.reindex_batch_size = 4
+    images = _images(johns_dir, 9)
+    with session_scope(settings.database_url) as session:
+        base = add_ready_base(session, store, mobilefacenet_checkpoint)
+        session.add(Activation(model_id=base.id, actor="test"))
+        for data in images[:5]:
+            add_face(session, store, data, settings)
+        job = add_job(session, "embed", {"model": str(base.id)})
+    late: list[uuid.UUID] = []
+
+    def arrive(batch: int) -> None:
+        if batch != 1:
+            return
+        with session_scope(settings.database_url) as session:
+            faces = [add_face(session, store, data, settings) for data in images[5:]]
+            # one committed late with an older timestamp, behind the pass's cursor
+            faces[0].created_at = datetime(2000, 1, 1)
+            late.extend(face.id for face in faces)
+
+    _after_each_write(monkeypatch, arrive)
+    assert run_in_process(settings, job.id).status == "succeeded"
+    with session_scope(settings.database_url) as session:
+        result = get_job(session, job.id).result
+        embedded = set(
+            session.scalars(select(FaceEmbedding.face_id).where(FaceEmbedding.model_id == base.id))
+        )
+        assert serving_model(session).id == base.id
+    assert set(late) <= embedded and len(embedded) == 9
+    assert (result["missing"], result["embedded"], result["still_missing"], result["complete"]) == (
+        5,
+        9,
+        0,
+        True,
+    )
+
+
+def test_a_face_deleted_during_a_batch_is_dropped_and_the_rest_written(
+    settings: Settings,
+    store: BlobStore,
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings.reindex_batch_size = 8
+    with session_scope(settings.database_url) as session:
+        base = add_ready_base(session, store, mobilefacenet_checkpoint)
+        faces = [add_face(session, store, data, settings) for data in _images(johns_dir, 5)]
+        job = add_job(session, "embed", {"model": str(base.id)})
+    embed_rows = embedding_pass._embed_rows
+
+    def delete_one(*args: Any) -> list[dict[str, Any]]:
+        rows = embed_rows(*args)
+        with session_scope(settings.database_url) as session:
+            session.execute(delete(Face).where(Face.id == faces[2].id))
+        return rows
+
+    monkeypatch.setattr(embedding_pass, "_embed_rows", delete_one)
+    assert run_in_process(settings, job.id, TIMINGS).status == "succeeded"
+    with session_scope(settings.database_url) as session:
+        result = get_job(session, job.id).result
+    assert (result["embedded"], result["still_missing"], result["complete"]) == (4, 0, True)
+    assert _generations(settings, base.id) == {1: 4}, "the failed attempt took no generation"

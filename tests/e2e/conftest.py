@@ -21,6 +21,7 @@ from tests.services import E2E_REDIS_DB, dedicated_redis, redis_available
 pytest.register_assert_rewrite("tests.e2e.flow")
 
 WORKER_READY = r"celery@\S+ ready"
+EMBED_WORKER_READY = r"embed@\S+ ready"
 SERVICES = pytest.StashKey[list[ServiceProcess]]()
 
 Launch = Callable[[str, list[str], dict[str, str]], ServiceProcess]
@@ -122,6 +123,18 @@ def start_worker(service_settings: dict[str, str], launch: Launch) -> Callable[[
     def start() -> ServiceProcess:
         worker = launch("worker", ["worker"], service_settings)
         worker.wait_for_log(WORKER_READY)
+        return worker
+
+    return start
+
+
+@pytest.fixture
+def start_embed_worker(service_settings: dict[str, str], launch: Launch) -> Callable[[], ServiceProcess]:
+    """Start a `magtune worker --queue embed` (faces embedded on arrival) and wait until it is ready."""
+
+    def start() -> ServiceProcess:
+        worker = launch("embed-worker", ["worker", "--queue", "embed"], service_settings)
+        worker.wait_for_log(EMBED_WORKER_READY)
         return worker
 
     return start

@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.domain import JobKind
 from app.models.serving import mark_embedded_if_complete, missing_faces
 from app.tables import EmbeddingGeneration, Face, FaceEmbedding, utcnow
 from worker.jobs.data import decode_face
@@ -144,6 +145,18 @@ def _embed_rows(
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
+    threads = ctx.settings.embed_torch_threads if ctx.job.kind == JobKind.EMBED else 0
+    if threads <= 0:
+        return _run(ctx)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(ctx)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(ctx: JobContext) -> dict[str, Any]:
     started = time.monotonic()
     ctx.progress(phase="loading", force=True)
     with ctx.session() as session:
@@ -180,8 +193,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             force=batches == 1,
         )
     with ctx.session() as session:
-        complete = mark_embedded_if_complete(session, model.id)
         still_missing = missing_faces(session, model.id)
+        complete = still_missing == 0 and mark_embedded_if_complete(session, model.id)
     ctx.progress(
         phase="done",
         missing=missing,

@@ -217,3 +217,21 @@ def test_a_face_deleted_during_a_batch_is_dropped_and_the_rest_written(
         result = get_job(session, job.id).result
     assert (result["embedded"], result["still_missing"], result["complete"]) == (4, 0, True)
     assert _generations(settings, base.id) == {1: 4}, "the failed attempt took no generation"
+
+
+@pytest.mark.parametrize(("kind", "threads"), [("embed", 1), ("reindex", None)])
+def test_an_embed_job_runs_with_its_own_torch_threads_and_restores_them(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, kind: str, threads: int | None
+) -> None:
+    import torch
+
+    settings.embed_torch_threads = 1
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    monkeypatch.setattr(embedding_pass, "_run", lambda ctx: seen.append(torch.get_num_threads()) or {})
+    with session_scope(settings.database_url) as session:
+        job = add_job(session, kind, {"model": str(uuid.uuid4())})
+
+    assert run_in_process(settings, job.id).status == "succeeded"
+    assert seen == [threads or before], "a reindex (on the gpu queue) keeps torch's default"
+    assert torch.get_num_threads() == before

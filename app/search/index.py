@@ -5,8 +5,8 @@ amortised O(1) and the first `len(index)` rows are always a plain view, beside p
 and source as int32 codes into small name tables, -1 for none), the ids (a list of UUIDs and a dict from id
 to row) and, once the index holds `quantize_min_rows` rows, an 8-bit copy of every row: faiss's uniform
 scalar quantiser over [-vmax, vmax], kept in an IVF index whose S lists serve only as S shards (row g is
-entry g // S of list g % S, with faiss id g), so that faiss scans one query with S threads. Removing a row
-moves the last row into its place; re-adding an id overwrites its row.
+entry g // S of list g % S, with faiss id g), so that faiss scans one query with all its threads. Removing a
+row moves the last row into its place; re-adding an id overwrites its row.
 
 Exactness. Small indexes and small filtered subsets are scored in float32 directly. Otherwise a first pass
 over the 8-bit codes gives approximate scores a_i = q·x̂_i. With e_i = ||x_i - x̂_i||, measured when the row is
@@ -45,6 +45,7 @@ FILTER_AFTER_FRACTION = (
 RANGE_HEADROOM = 1.05  # the quantiser's range: the largest |component| at (re)build time, plus 5%
 RETRAIN_FACTOR = 2.0  # re-encode everything once a clipped row's error exceeds twice an in-range row's worst
 ENCODE_CHUNK = 65_536
+SHARDS_PER_THREAD = 8
 
 
 def as_uuid(value: IdLike) -> uuid.UUID:
@@ -122,7 +123,7 @@ class _Labels:
 
 class _Codes:
     """The 8-bit copy of the rows: faiss's uniform scalar quantiser, rows sharded over the lists of an IVF
-    index (row g is entry g // S of list g % S, with id g) that scans one query with S threads."""
+    index (row g is entry g // S of list g % S, with id g) that scans one query with all its threads."""
 
     def __init__(self, dim: int, shards: int, vmax: float) -> None:
         self.dim, self.shards, self.vmax = dim, shards, vmax
@@ -258,7 +259,9 @@ class EmbeddingIndex:
         if quantize_min_rows is None:
             quantize_min_rows = -(-QUANTIZE_MIN_VALUES // dim)
         self._quantize_min_rows = quantize_min_rows if quantize and faiss is not None else None
-        self._shards = shards or (max(1, faiss.omp_get_max_threads()) if faiss is not None else 1)
+        # Lists the 8-bit codes are sharded over: several per thread, so that faiss's dynamic schedule lets
+        # one thread take over the work of another that the OS has descheduled (a busy shared machine).
+        self._shards = shards or (SHARDS_PER_THREAD * max(1, faiss.omp_get_max_threads()) if faiss else 1)
         self._codes: _Codes | None = None
         self._error_max = 0.0  # >= every row's error bound (it only shrinks when the codes are rebuilt)
         self._slack = 4.0 * dim * 2.0**-24 + 1e-6  # float32 rounding in approximate and exact scores

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from app.tables import Job
 from tests.conftest import require
 from tests.e2e.services import ServiceProcess, free_port, magtune_command, service_environment
 from tests.services import SWEEP_REDIS_DB, dedicated_redis, redis_available
-from worker.cli import build_parser
+from worker.cli import build_parser, service_commands
 
 
 def _magtune(
@@ -219,3 +221,21 @@ def test_up_prints_where_everything_is_last_once_every_process_is_ready(tmp_path
     assert re.search(r"embed@\S+ ready\.", log), "the embed worker's own log is relayed"
     assert re.search(r"\.> embed +exchange=embed", log), "the embed worker consumes the embed queue"
     assert docs.status_code == 200
+
+
+def test_serve_runs_blas_single_threaded_before_numpy_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent requests are the api's parallelism; a threaded BLAS under them collapses search rates."""
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    seen: dict[str, str | None] = {}
+    monkeypatch.setattr(
+        service_commands,
+        "serve_app",
+        lambda *_args, **_kw: seen.update(blas=os.environ.get("OPENBLAS_NUM_THREADS")),
+    )
+
+    assert service_commands.run_serve(argparse.Namespace(host="127.0.0.1", port=1, log_level="info")) == 0
+
+    assert seen == {"blas": "1"}
+    probe = "import sys, worker.cli, worker.cli.service_commands; print('numpy' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False", "numpy must load after serve sets its thread count"

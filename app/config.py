@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # the cores with the api; one thread avoids OpenMP's stalls when a sibling thread is descheduled (on a
     # busy 2-core machine, 64 faces took 1.7 s with one thread and 3.6 s with two).
     embed_torch_threads: int = 1
+    # An embedding pass never moves a model's watermark (where `embed` jobs start scanning) past now minus
+    # this: a face's created_at is set (by the api's clock) before its row commits, so faces this recent may
+    # still be committing. Keep it above an upload's insert-to-commit time plus the api/worker clock skew.
+    embed_watermark_lag_s: float = 60.0
     reindex_batch_size: int = 64
 
     # promotion gate: the candidate may lose at most this much AUC on the regression set

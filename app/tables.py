@@ -258,12 +258,20 @@ class EmbeddingGeneration(Base):
     The bump locks the model's row, so writers of one model commit in the order of their generations and a
     reader that has seen generation g has seen every row of generation g or below: the api's search index
     catches up by reading `generation > g` instead of reloading every vector.
+
+    The row also holds the model's watermark, the (created_at, id) of a face: every face at or before it has
+    an embedding by the model or could not be decoded when a pass reached it (such a face stays behind the
+    watermark; once its image is fixed, a `reindex`, which always scans from the oldest face, embeds it). An
+    `embed` job scans from the watermark only. It never passes `now - MAGTUNE_EMBED_WATERMARK_LAG_S`: a
+    face's created_at is set before its row commits, so a face may commit after one with a later created_at.
     """
 
     __tablename__ = "embedding_generations"
 
     model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     generation: Mapped[int] = mapped_column(BigInteger)
+    covered_created_at: Mapped[datetime | None] = mapped_column()
+    covered_id: Mapped[uuid.UUID | None] = mapped_column()
 
 
 class Activation(Base):
@@ -282,4 +290,7 @@ class Activation(Base):
     # verify and search use) is that of the latest activation with this set: blue/green, never half-embedded.
     embedded_at: Mapped[datetime | None] = mapped_column()
 
-    __table_args__ = (Index("ix_activations_created_at", "created_at"),)
+    __table_args__ = (
+        Index("ix_activations_created_at", "created_at"),
+        Index("ix_activations_model_id", "model_id"),
+    )

@@ -50,13 +50,27 @@ def missing_faces(session: Session, model_id: uuid.UUID) -> int:
     return int(session.scalar(select(func.count()).select_from(Face).where(~embedded)) or 0)
 
 
-def mark_embedded_if_complete(session: Session, model_id: uuid.UUID) -> bool:
-    """Record that `model_id` embeds every face, on each of its activations not yet marked; True if complete.
+def any_face_missing(session: Session, model_id: uuid.UUID) -> bool:
+    """Whether some stored face has no embedding by `model_id` (stops at the first one it finds)."""
+    embedded = exists().where(FaceEmbedding.face_id == Face.id, FaceEmbedding.model_id == model_id)
+    return bool(session.scalar(select(exists().where(~embedded).select_from(Face))))
+
+
+def mark_embedded_if_complete(session: Session, model_id: uuid.UUID) -> bool | None:
+    """Record that `model_id` embeds every face, on each of its activations not yet marked.
+
+    Returns whether the model covers every face, or None when it did not look: the model has no activation
+    left unmarked (never activated, or every activation marked already), so there is nothing to record and
+    the check over every face, the costly part, is skipped. The cheap look for an unmarked activation uses
+    `ix_activations_model_id`; an activation is marked once, so the full check runs until then only.
 
     Called at the end of each embedding pass and on activation: the first call that finds nothing missing
     switches the serving model to it (when its activation is the latest one marked).
     """
-    if missing_faces(session, model_id):
+    unmarked = exists().where(Activation.model_id == model_id, Activation.embedded_at.is_(None))
+    if not session.scalar(select(unmarked)):
+        return None
+    if any_face_missing(session, model_id):
         return False
     session.execute(
         update(Activation)

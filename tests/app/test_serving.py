@@ -1,11 +1,12 @@
 """The serving model (blue/green) and coalesced embedding jobs, on the real PostgreSQL and on SQLite."""
 
+import re
 import threading
 import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, event, func, select
 
 from app.config import Settings
 from app.db import session_scope
@@ -45,7 +46,7 @@ def _serving(settings: Settings) -> uuid.UUID | None:
         return model.id if model is not None else None
 
 
-def _mark(settings: Settings, model_id: uuid.UUID) -> bool:
+def _mark(settings: Settings, model_id: uuid.UUID) -> bool | None:
     with session_scope(settings.database_url) as session:
         return mark_embedded_if_complete(session, model_id)
 
@@ -78,6 +79,45 @@ def test_the_previous_model_serves_until_the_new_one_covers_every_face(any_setti
             select(func.count()).select_from(Activation).where(Activation.embedded_at.is_not(None))
         )
     assert marked == 2
+
+
+def _reads_of_faces(settings: Settings, model_id: uuid.UUID) -> tuple[bool | None, list[str]]:
+    """mark_embedded_if_complete's answer and the statements it ran that read the faces table."""
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if re.search(r"\bFROM faces\b", statement):
+            statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        with session_scope(settings.database_url) as session:
+            answer = mark_embedded_if_complete(session, model_id)
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    return answer, statements
+
+
+def test_marking_looks_at_the_faces_only_while_an_activation_of_the_model_is_unmarked(
+    any_settings: Settings,
+) -> None:
+    settings = any_settings
+    faces = [insert_face(settings) for _ in range(2)]
+    model, never_activated = insert_model(settings), insert_model(settings)
+    _embed(settings, model, faces[:1])
+
+    assert _reads_of_faces(settings, never_activated) == (None, []), "nothing to mark, nothing counted"
+    activate_directly(settings, model)
+    answer, statements = _reads_of_faces(settings, model)
+    assert answer is False and statements, "an unmarked activation: the faces are checked"
+    _embed(settings, model, faces[1:])
+    answer, statements = _reads_of_faces(settings, model)
+    assert answer is True and statements
+    assert _serving(settings) == model
+
+    insert_face(settings)  # not embedded yet: the marked model keeps serving, and no call counts again
+    assert _reads_of_faces(settings, model) == (None, [])
+    assert _serving(settings) == model
 
 
 def test_arrivals_coalesce_into_one_queued_embedding_job_per_model(

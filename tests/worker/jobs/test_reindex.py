@@ -1,22 +1,24 @@
 """The embedding pass (`reindex` and `embed` jobs) in-process against real PostgreSQL, the MobileFaceNet
 checkpoint and the johns faces: only missing faces, one generation per batch, resumable, arrivals taken."""
 
+import re
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import Engine, delete, event, select, update
+from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore
 from app.config import Settings
 from app.db import session_scope
 from app.models.serving import serving_model
-from app.tables import Activation, EmbeddingGeneration, Face, FaceEmbedding, Job
+from app.tables import Activation, EmbeddingGeneration, Face, FaceEmbedding, Job, utcnow
 from tests.worker.factories import TIMINGS, add_face, add_job, add_ready_base, get_job, run_in_process
 from tests.worker.johns import johns_images
 from worker.jobs import model_cache
@@ -51,9 +53,9 @@ def _after_each_write(monkeypatch: pytest.MonkeyPatch, hook: Callable[[int], Non
     write = embedding_pass._write
     calls = 0
 
-    def spied(ctx: Any, model_id: uuid.UUID, rows: list[dict[str, Any]]) -> tuple[int, int | None]:
+    def spied(*args: Any) -> tuple[int, int | None]:
         nonlocal calls
-        written = write(ctx, model_id, rows)
+        written = write(*args)
         calls += 1
         hook(calls)
         return written
@@ -148,21 +150,22 @@ def test_a_cancelled_pass_resumes_with_what_is_missing_and_the_serving_model_swi
         assert serving_model(session).id == base.id, "complete: the new model serves"
 
 
-def test_faces_stored_during_the_pass_are_embedded_by_it(
+@pytest.mark.parametrize("kind", ["reindex", "embed"])
+def test_faces_stored_during_the_pass_are_embedded_by_it_or_by_the_embed_job_their_upload_queues(
     settings: Settings,
     store: BlobStore,
     johns_dir: Path,
     mobilefacenet_checkpoint: Path,
     monkeypatch: pytest.MonkeyPatch,
+    kind: str,
 ) -> None:
     settings.reindex_batch_size = 4
     images = _images(johns_dir, 9)
     with session_scope(settings.database_url) as session:
         base = add_ready_base(session, store, mobilefacenet_checkpoint)
         session.add(Activation(model_id=base.id, actor="test"))
-        for data in images[:5]:
-            add_face(session, store, data, settings)
-        job = add_job(session, "embed", {"model": str(base.id)})
+        first = [add_face(session, store, data, settings) for data in images[:5]]
+        job = add_job(session, kind, {"model": str(base.id)})
     late: list[uuid.UUID] = []
 
     def arrive(batch: int) -> None:
@@ -170,25 +173,39 @@ def test_faces_stored_during_the_pass_are_embedded_by_it(
             return
         with session_scope(settings.database_url) as session:
             faces = [add_face(session, store, data, settings) for data in images[5:]]
-            # one committed late with an older timestamp, behind the pass's cursor
-            faces[0].created_at = datetime(2000, 1, 1)
+            # One committed late, behind the pass's cursor: a reindex looks again from the oldest face; an
+            # embed job leaves it to the next one (queued by its upload), which scans the lag window again.
+            faces[0].created_at = datetime(2000, 1, 1) if kind == "reindex" else first[0].created_at
             late.extend(face.id for face in faces)
 
-    _after_each_write(monkeypatch, arrive)
-    assert run_in_process(settings, job.id).status == "succeeded"
+    with monkeypatch.context() as patch:
+        _after_each_write(patch, arrive)
+        assert run_in_process(settings, job.id).status == "succeeded"
     with session_scope(settings.database_url) as session:
         result = get_job(session, job.id).result
+        if kind == "embed":
+            assert (result["missing"], result["embedded"], result["still_missing"]) == (None, 8, 0)
+            assert result["complete"] is False, "the late face is missing: no switch yet"
+            assert serving_model(session) is None
+            following = add_job(session, "embed", {"model": str(base.id)})
+    if kind == "embed":
+        assert run_in_process(settings, following.id).status == "succeeded"
+        with session_scope(settings.database_url) as session:
+            result = get_job(session, following.id).result
+        assert (result["embedded"], result["complete"]) == (1, True)
+    else:
+        assert (result["missing"], result["embedded"], result["still_missing"], result["complete"]) == (
+            5,
+            9,
+            0,
+            True,
+        )
+    with session_scope(settings.database_url) as session:
         embedded = set(
             session.scalars(select(FaceEmbedding.face_id).where(FaceEmbedding.model_id == base.id))
         )
         assert serving_model(session).id == base.id
     assert set(late) <= embedded and len(embedded) == 9
-    assert (result["missing"], result["embedded"], result["still_missing"], result["complete"]) == (
-        5,
-        9,
-        0,
-        True,
-    )
 
 
 def test_a_face_deleted_during_a_batch_is_dropped_and_the_rest_written(
@@ -201,6 +218,7 @@ def test_a_face_deleted_during_a_batch_is_dropped_and_the_rest_written(
     settings.reindex_batch_size = 8
     with session_scope(settings.database_url) as session:
         base = add_ready_base(session, store, mobilefacenet_checkpoint)
+        session.add(Activation(model_id=base.id, actor="test"))  # so the pass checks that nothing is missing
         faces = [add_face(session, store, data, settings) for data in _images(johns_dir, 5)]
         job = add_job(session, "embed", {"model": str(base.id)})
     embed_rows = embedding_pass._embed_rows
@@ -217,6 +235,163 @@ def test_a_face_deleted_during_a_batch_is_dropped_and_the_rest_written(
         result = get_job(session, job.id).result
     assert (result["embedded"], result["still_missing"], result["complete"]) == (4, 0, True)
     assert _generations(settings, base.id) == {1: 4}, "the failed attempt took no generation"
+
+
+def _watermark(settings: Settings, model_id: uuid.UUID) -> tuple[datetime, uuid.UUID] | None:
+    with session_scope(settings.database_url) as session:
+        row = session.get(EmbeddingGeneration, model_id)
+        assert row is not None
+        if row.covered_created_at is None:
+            return None
+        assert row.covered_id is not None
+        return row.covered_created_at, row.covered_id
+
+
+def _old_faces(
+    session: Session, store: BlobStore, settings: Settings, images: list[bytes], age: timedelta
+) -> list[Face]:
+    """Faces stored `age` ago, a second apart, oldest first."""
+    faces = [add_face(session, store, data, settings) for data in images]
+    start = utcnow() - age
+    for i, face in enumerate(faces):
+        face.created_at = start + timedelta(seconds=i)
+    return faces
+
+
+class FaceQueries:
+    """The SQL statements that read the faces table while it listens, and the rows each returned."""
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, int]] = []
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if re.search(r"\bFROM faces\b", statement):
+            self.statements.append((statement, cursor.rowcount))
+
+    def __enter__(self) -> "FaceQueries":
+        event.listen(Engine, "after_cursor_execute", self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(Engine, "after_cursor_execute", self)
+
+
+def test_an_embed_pass_reads_only_the_faces_after_the_watermark(
+    settings: Settings, store: BlobStore, johns_dir: Path, mobilefacenet_checkpoint: Path
+) -> None:
+    old_count = 300
+    with session_scope(settings.database_url) as session:
+        base = add_ready_base(session, store, mobilefacenet_checkpoint)
+        session.add(Activation(model_id=base.id, actor="test", embedded_at=utcnow()))  # serving already
+        start = utcnow() - timedelta(days=1)
+        old = [
+            Face(
+                id=uuid.uuid4(),
+                sha256=uuid.uuid4().hex * 2,
+                byte_size=1,
+                media_type="image/png",
+                width=112,
+                height=112,
+                channels=3,
+                split="train",
+                created_at=start + timedelta(seconds=i),
+            )
+            for i in range(old_count)
+        ]
+        session.add_all(old)
+        session.flush()
+        session.add_all(
+            FaceEmbedding(face_id=face.id, model_id=base.id, vector=b"\0" * 512, quality=1.0, generation=1)
+            for face in old
+        )
+        session.add(EmbeddingGeneration(model_id=base.id, generation=1))
+        sweep = add_job(session, "reindex", {"model": str(base.id)})
+    assert run_in_process(settings, sweep.id).status == "succeeded"
+    watermark = _watermark(settings, base.id)
+    assert watermark is not None and watermark[0] > old[-1].created_at, (
+        "a reindex over nothing missing sets it"
+    )
+
+    with session_scope(settings.database_url) as session:
+        new = [add_face(session, store, data, settings).id for data in _images(johns_dir, 2)]
+        job = add_job(session, "embed", {"model": str(base.id)})
+    with FaceQueries() as queries:
+        assert run_in_process(settings, job.id).status == "succeeded"
+
+    with session_scope(settings.database_url) as session:
+        result = get_job(session, job.id).result
+        embedded = session.scalars(select(FaceEmbedding.face_id).where(FaceEmbedding.face_id.in_(new))).all()
+    assert (result["missing"], result["embedded"], result["still_missing"]) == (None, 2, 0)
+    assert result["complete"] is None, "its activation is marked: nothing to count"
+    assert set(embedded) == set(new)
+    assert queries.statements, "the pass asked for the missing faces"
+    unbounded = [sql for sql, _ in queries.statements if "(faces.created_at, faces.id) >" not in sql]
+    assert unbounded == [], "every read of faces starts at the watermark: no count, no scan from the oldest"
+    assert sum(rows for _, rows in queries.statements) == 2, "only the two new faces came back"
+
+
+def test_the_watermark_stays_behind_the_lag_and_a_face_committed_late_inside_it_is_embedded_next(
+    settings: Settings, store: BlobStore, johns_dir: Path, mobilefacenet_checkpoint: Path
+) -> None:
+    settings.reindex_batch_size = 4
+    images = _images(johns_dir, 9)
+    lag = timedelta(seconds=settings.embed_watermark_lag_s)
+    with session_scope(settings.database_url) as session:
+        base = add_ready_base(session, store, mobilefacenet_checkpoint)
+        old = _old_faces(session, store, settings, images[:6], timedelta(hours=1))
+        recent = add_face(session, store, images[6], settings)
+        job = add_job(session, "embed", {"model": str(base.id)})
+    assert run_in_process(settings, job.id).status == "succeeded"
+    after_first = utcnow()
+    watermark = _watermark(settings, base.id)
+    assert watermark is not None
+    assert watermark[0] >= old[-1].created_at, "it moved past the old faces"
+    assert watermark[0] <= after_first - lag < recent.created_at, "never within the lag"
+
+    # Stored just now but stamped before `recent`, already embedded: a face whose commit came late.
+    with session_scope(settings.database_url) as session:
+        late = add_face(session, store, images[7], settings)
+        late.created_at = recent.created_at - timedelta(seconds=1)
+        following = add_job(session, "embed", {"model": str(base.id)})
+    assert run_in_process(settings, following.id).status == "succeeded"
+    with session_scope(settings.database_url) as session:
+        result = get_job(session, following.id).result
+        assert session.get(FaceEmbedding, (late.id, base.id)) is not None
+    assert result["embedded"] == 1
+    moved = _watermark(settings, base.id)
+    assert moved is not None and watermark <= moved and moved[0] <= utcnow() - lag
+
+
+def test_a_reindex_finds_a_face_behind_the_watermark_that_an_embed_job_does_not_look_at(
+    settings: Settings, store: BlobStore, johns_dir: Path, mobilefacenet_checkpoint: Path
+) -> None:
+    with session_scope(settings.database_url) as session:
+        base = add_ready_base(session, store, mobilefacenet_checkpoint)
+        session.add(Activation(model_id=base.id, actor="test"))
+        old = _old_faces(session, store, settings, _images(johns_dir, 4), timedelta(hours=1))
+        job = add_job(session, "embed", {"model": str(base.id)})
+    assert run_in_process(settings, job.id).status == "succeeded"
+    watermark = _watermark(settings, base.id)
+    assert watermark is not None and watermark[0] > old[-1].created_at
+    # As a face the pass skipped (its image could not be read) and whose image was put right afterwards.
+    with session_scope(settings.database_url) as session:
+        session.execute(delete(FaceEmbedding).where(FaceEmbedding.face_id == old[1].id))
+        embed = add_job(session, "embed", {"model": str(base.id)})
+        reindex = add_job(session, "reindex", {"model": str(base.id)})
+
+    assert run_in_process(settings, embed.id).status == "succeeded"
+    with session_scope(settings.database_url) as session:
+        assert get_job(session, embed.id).result["embedded"] == 0, "behind the watermark: not scanned"
+    assert run_in_process(settings, reindex.id).status == "succeeded"
+    with session_scope(settings.database_url) as session:
+        result = get_job(session, reindex.id).result
+        assert session.get(FaceEmbedding, (old[1].id, base.id)) is not None
+    assert (result["missing"], result["embedded"], result["still_missing"], result["complete"]) == (
+        1,
+        1,
+        0,
+        True,
+    )
 
 
 @pytest.mark.parametrize(("kind", "threads"), [("embed", 1), ("reindex", None)])

@@ -1,20 +1,27 @@
 """What happens to a job when its worker dies, and when someone cancels it: never left `running`."""
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from app.db import session_scope
+from app.tables import FaceEmbedding
 from tests.e2e.flow import (
     FINISHED,
     QUICK_FINETUNE,
     Seeded,
+    activate,
     ok,
+    register_model,
     seed_and_activate,
     seed_over_http,
     start_finetune,
+    upload_faces,
     wait_for_job,
     wait_for_success,
 )
@@ -125,3 +132,51 @@ def test_a_cancelled_running_job_stops_at_its_next_step(
     assert worker.alive()
     later = ok(http.post("/v1/jobs", json={"kind": "reindex", "params": {}}), 202)
     wait_for_success(http, later["id"])
+
+
+def _embedding_generations(database_url: str, model_id: str) -> dict[uuid.UUID, int]:
+    with session_scope(database_url) as session:
+        rows = session.execute(
+            select(FaceEmbedding.face_id, FaceEmbedding.generation).where(
+                FaceEmbedding.model_id == uuid.UUID(model_id)
+            )
+        )
+        return dict(rows.tuples().all())
+
+
+@pytest.mark.parametrize("heartbeat_timeout_s", [5.0])
+def test_a_reindex_whose_worker_is_killed_resumes_with_what_is_missing(
+    http: httpx.Client,
+    service_settings: dict[str, str],
+    start_worker: Callable[[], ServiceProcess],
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+) -> None:
+    faces = {face["id"] for face in upload_faces(http, johns_dir).values()}
+    service_settings["MAGTUNE_REINDEX_BATCH_SIZE"] = "2"  # many small batches: the kill lands part-way
+    worker = start_worker()
+    model = register_model(http, mobilefacenet_checkpoint, "mobilefacenet")
+    reindex = activate(http, model["id"], "base")["reindex_job_id"]
+    database_url = service_settings["MAGTUNE_DATABASE_URL"]
+
+    def part_way(job: dict[str, Any]) -> bool:
+        return job["status"] in FINISHED or (job.get("progress") or {}).get("embedded", 0) >= 6
+
+    assert wait_for_job(http, reindex, until=part_way).job["status"] == "running"
+    worker.kill()
+    requeued = wait_for_job(http, reindex, until=lambda j: j["status"] != "running", timeout_s=120).job
+    assert requeued["status"] == "queued", requeued
+    before = _embedding_generations(database_url, model["id"])
+    assert 6 <= len(before) < len(faces), "killed part-way, with some batches committed"
+
+    start_worker()
+    done = wait_for_success(http, reindex).job
+    after = _embedding_generations(database_url, model["id"])
+
+    assert done["attempts"] == 2
+    assert done["result"]["embedded"] == len(faces) - len(before), "the retry embedded only what was missing"
+    assert {str(face_id) for face_id in after} == faces
+    assert {face_id: after[face_id] for face_id in before} == before, (
+        "rows written before the kill stay as they were"
+    )
+    assert ok(http.get("/v1/models/active"), 200)["serving_model_id"] == model["id"]

@@ -107,6 +107,20 @@ def start_api(launch: Launch, settings: dict[str, str]) -> RunningApi:
     return RunningApi(url, process)
 
 
+@pytest.fixture
+def start_up(launch: Launch, timing_settings: dict[str, str]) -> Callable[[Path], RunningApi]:
+    """Start `magtune up` (the embedded default) on a data directory and wait until its api is listening."""
+
+    def start(data_dir: Path) -> RunningApi:
+        port = free_port()
+        process = launch("up", ["up", "--port", str(port), "--data-dir", str(data_dir)], timing_settings)
+        url = f"http://127.0.0.1:{port}"
+        process.wait_for_log(f"magtune api listening on {url}")
+        return RunningApi(url, process)
+
+    return start
+
+
 # `service_settings` comes before `launch` in these signatures: fixtures are torn down in reverse order, so
 # the processes stop before their database is dropped.
 

@@ -31,6 +31,7 @@ QUICK_FINETUNE = {"epochs": 2, "batch_size": 16, "seed": 0}
 REGRESSION_FACES_PER_PERSON = 2
 POLL_S = 0.1
 JOB_TIMEOUT_S = 900.0
+EMBED_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,16 @@ def wait_for_job(
             return JobTrace(job, polls)
         time.sleep(POLL_S)
     raise AssertionError(f"job {job_id} still {polls[-1]['status']} after {timeout_s:.0f} s: {polls[-1]}")
+
+
+def wait_embedded(http: httpx.Client, face_ids: list[str], timeout_s: float = EMBED_TIMEOUT_S) -> None:
+    """Wait until the api reports every one of the faces embedded by the model in service."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(ok(http.get(f"/v1/faces/{face_id}"), 200)["embedded"] for face_id in face_ids):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"faces {face_ids} were not embedded within {timeout_s:.0f} s")
 
 
 def wait_for_success(http: httpx.Client, job_id: str, **kwargs: Any) -> JobTrace:

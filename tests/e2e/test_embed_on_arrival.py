@@ -3,7 +3,6 @@ no reindex: the api queues one coalesced `embed` job per model in service, and t
 process, kept between jobs, embeds them with the model it loaded once."""
 
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,25 +10,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.flow import activate, ok, register_model, wait_for_success
+from tests.e2e.flow import activate, ok, register_model, wait_embedded, wait_for_success
 from tests.e2e.services import ServiceProcess
 
 pytestmark = pytest.mark.slow
 
-EMBED_TIMEOUT_S = 120.0
-
 
 def _upload(http: httpx.Client, image: Path) -> dict[str, Any]:
     return ok(http.post("/v1/faces", files={"file": ("face.png", image.read_bytes(), "image/png")}), 201)
-
-
-def _wait_embedded(http: httpx.Client, face_ids: list[str]) -> None:
-    deadline = time.monotonic() + EMBED_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if all(ok(http.get(f"/v1/faces/{face_id}"), 200)["embedded"] for face_id in face_ids):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"faces {face_ids} were not embedded within {EMBED_TIMEOUT_S:.0f} s")
 
 
 def _jobs(http: httpx.Client, kind: str) -> list[dict[str, Any]]:
@@ -50,9 +38,9 @@ def test_faces_uploaded_after_activation_are_embedded_by_the_embed_worker_withou
     wait_for_success(http, activate(http, model["id"], "base")["reindex_job_id"])
 
     first = [_upload(http, image)["id"] for image in images[:3]]
-    _wait_embedded(http, first)
+    wait_embedded(http, first)
     later = [_upload(http, image)["id"] for image in images[3:]]  # the child and its model are reused
-    _wait_embedded(http, later)
+    wait_embedded(http, later)
 
     assert len(_jobs(http, "reindex")) == 1, "only the activation's reindex: arrivals need none"
     embed_jobs = _jobs(http, "embed")

@@ -15,24 +15,22 @@ import httpx
 import pytest
 
 from tests.e2e.flow import run_feedback_loop, seed_with_import_command
-from tests.e2e.services import ServiceProcess, free_port, session_members, wait_for_session_end
+from tests.e2e.services import RunningApi, session_members, wait_for_session_end
 
 pytestmark = pytest.mark.slow
 
 
 def test_feedback_loop_on_the_embedded_default(
-    launch: Callable[[str, list[str], dict[str, str]], ServiceProcess],
-    timing_settings: dict[str, str],
+    start_up: Callable[[Path], RunningApi],
     tmp_path: Path,
     johns_dir: Path,
     mobilefacenet_checkpoint: Path,
 ) -> None:
-    port, data_dir = free_port(), tmp_path / "data"
-    up = launch("up", ["up", "--port", str(port), "--data-dir", str(data_dir)], timing_settings)
-    api_url = f"http://127.0.0.1:{port}"
-    up.wait_for_log(f"magtune api listening on {api_url}")
+    data_dir = tmp_path / "data"
+    started = start_up(data_dir)
+    up = started.process
 
-    with httpx.Client(base_url=api_url, timeout=60.0) as http:
+    with httpx.Client(base_url=started.url, timeout=60.0) as http:
         assert http.get("/readyz").status_code == 200
         seeded = seed_with_import_command(http, johns_dir, tmp_path)
         outcome = run_feedback_loop(http, seeded, mobilefacenet_checkpoint)
@@ -45,14 +43,8 @@ def test_feedback_loop_on_the_embedded_default(
     assert wait_for_session_end(up.pid) == [], "nothing `up` started outlives it"
 
 
-def test_up_exits_non_zero_when_a_child_dies(
-    launch: Callable[[str, list[str], dict[str, str]], ServiceProcess],
-    timing_settings: dict[str, str],
-    tmp_path: Path,
-) -> None:
-    port = free_port()
-    up = launch("up", ["up", "--port", str(port), "--data-dir", str(tmp_path / "data")], timing_settings)
-    up.wait_for_log(f"magtune api listening on http://127.0.0.1:{port}")
+def test_up_exits_non_zero_when_a_child_dies(start_up: Callable[[Path], RunningApi], tmp_path: Path) -> None:
+    up = start_up(tmp_path / "data").process
     workers = [pid for pid in session_members(up.pid) if b"worker" in _arguments(pid)]
     assert workers, "up runs a worker"
     for pid in workers:

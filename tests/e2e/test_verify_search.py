@@ -8,7 +8,6 @@ the new one's.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,14 +21,13 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.tables import Face, FaceEmbedding
-from tests.e2e.flow import activate, ok, register_model, wait_for_success
-from tests.e2e.services import ServiceProcess, free_port
+from tests.e2e.flow import activate, ok, register_model, wait_embedded, wait_for_success
+from tests.e2e.services import RunningApi, ServiceProcess
 
 pytestmark = pytest.mark.slow
 
 PEOPLE = ("John_Salley", "John_Savage", "John_Simm")
 FACES_PER_PERSON = 4
-EMBED_TIMEOUT_S = 120.0
 
 
 def _upload_people(http: httpx.Client, johns_dir: Path) -> dict[str, str]:
@@ -41,15 +39,6 @@ def _upload_people(http: httpx.Client, johns_dir: Path) -> dict[str, str]:
             face = ok(http.post("/v1/faces", files=files, data={"subject": person}), 200, 201)
             faces[face["id"]] = person
     return faces
-
-
-def _wait_embedded(http: httpx.Client, face_ids: list[str]) -> None:
-    deadline = time.monotonic() + EMBED_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if all(ok(http.get(f"/v1/faces/{face_id}"), 200)["embedded"] for face_id in face_ids):
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"not every face was embedded within {EMBED_TIMEOUT_S:.0f} s")
 
 
 def _stored_vectors(database_url: str, model_id: str) -> dict[str, np.ndarray]:
@@ -134,7 +123,7 @@ def test_verify_and_search_answer_from_the_serving_model_and_switch_only_when_it
     wait_for_success(http, activate(http, first["id"], "base")["reindex_job_id"])
 
     faces = _upload_people(http, johns_dir)  # after the activation: embedded on arrival
-    _wait_embedded(http, list(faces))
+    wait_embedded(http, list(faces))
     first_vectors = _check_answers(http, database_url, first["id"], faces)
 
     gpu.stop()  # the second model's reindex waits for a gpu worker: the first must keep answering
@@ -164,21 +153,18 @@ def test_verify_and_search_answer_from_the_serving_model_and_switch_only_when_it
 
 
 def test_verify_and_search_on_the_embedded_default(
-    launch: Callable[[str, list[str], dict[str, str]], ServiceProcess],
-    timing_settings: dict[str, str],
+    start_up: Callable[[Path], RunningApi],
     tmp_path: Path,
     johns_dir: Path,
     mobilefacenet_checkpoint: Path,
 ) -> None:
-    port, data_dir = free_port(), tmp_path / "data"
-    up = launch("up", ["up", "--port", str(port), "--data-dir", str(data_dir)], timing_settings)
-    api_url = f"http://127.0.0.1:{port}"
-    up.wait_for_log(f"magtune api listening on {api_url}")
-    with httpx.Client(base_url=api_url, timeout=60.0) as http:
+    data_dir = tmp_path / "data"
+    up = start_up(data_dir)
+    with httpx.Client(base_url=up.url, timeout=60.0) as http:
         model = register_model(http, mobilefacenet_checkpoint, "mobilefacenet")
         wait_for_success(http, activate(http, model["id"], "base")["reindex_job_id"])
         faces = _upload_people(http, johns_dir)
-        _wait_embedded(http, list(faces))
+        wait_embedded(http, list(faces))
         _check_answers(http, f"sqlite:///{(data_dir / 'magtune.db').resolve()}", model["id"], faces)
         refused: dict[str, Any] = http.post("/v1/search", json={"face": next(iter(faces)), "k": 101}).json()
     assert refused["status"] == 422

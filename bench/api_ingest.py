@@ -15,26 +15,20 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from processes import free_port, fresh_database, load_averages, magtune, migrated_env, print_report, server
 from pydantic import BaseModel
 
-POSTGRES_ADMIN_URL = os.environ.get("MAGTUNE_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("MAGTUNE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 SINGLE_TARGET_RATIO = 0.7
 BATCH_TARGET_PAIRS_PER_S = 20_000
 WARMUP_REQUESTS = 100
@@ -91,62 +85,7 @@ def create_bare_app() -> Any:
     return app
 
 
-# Processes and data.
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def fresh_database() -> Iterator[str]:
-    import psycopg
-
-    name = f"magtune_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def magtune(*args: str) -> list[str]:
-    script = Path(sys.executable).with_name("magtune")
-    return [str(script), *args] if script.exists() else [sys.executable, "-m", "worker.cli", *args]
-
-
-@contextmanager
-def server(command: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[None]:
-    import httpx
-
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command} did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
-        yield
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+# Data.
 
 
 def random_png(rng: random.Random) -> bytes:
@@ -248,14 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pair_count = 2 * (args.singles + WARMUP_REQUESTS) + 2 * (args.batches + 1) * args.batch_size
     face_count = faces_needed(pair_count)
     with tempfile.TemporaryDirectory(prefix="magtune-bench-") as tmp, fresh_database() as database_url:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("MAGTUNE_")}
-        env.update(
-            MAGTUNE_DATABASE_URL=database_url,
-            MAGTUNE_BROKER_URL=REDIS_URL,
-            MAGTUNE_DATA_DIR=str(Path(tmp) / "data"),
-            MAGTUNE_MAX_FEEDBACK_BATCH=str(max(args.batch_size, 10_000)),
-        )
-        subprocess.run(magtune("migrate"), env=env, check=True, capture_output=True)
+        env = migrated_env(database_url, tmp, MAGTUNE_MAX_FEEDBACK_BATCH=str(max(args.batch_size, 10_000)))
         api_port, bare_port = free_port(), free_port()
         api = magtune("serve", "--host", "127.0.0.1", "--port", str(api_port))
         bare = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", "--port", str(bare_port)]
@@ -282,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server": "uvicorn, one process each",
         "client": "one httpx client, sequential requests, keep-alive",
         "cpu_count": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "load_average_1m": load_averages()[0],
         "faces": face_count,
         "single": {
             **single,
@@ -312,7 +244,7 @@ def main() -> None:
 
         serve_app(f"{__name__}:create_bare_app", host="127.0.0.1", port=args.port, factory=True)
         return
-    print(json.dumps(run(args), indent=2))
+    print_report(run(args))
 
 
 if __name__ == "__main__":

@@ -24,26 +24,33 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from api_ingest import free_port, fresh_database, magtune, server
+from processes import (
+    REDIS_URL,
+    free_port,
+    fresh_database,
+    libpq_url,
+    load_averages,
+    magtune,
+    migrated_env,
+    print_report,
+    server,
+    uptime,
+    worker,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("MAGTUNE_SHARED_DIR", REPO_ROOT.parent / "shared"))
-REDIS_URL = os.environ.get("MAGTUNE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 CHECKPOINT = SHARED_DIR / "models" / "mobilefacenet" / "mobilefacenet.pt"
 FACE_DIRS = ("data/faces/johns/aligned_112", "data/faces/cmu/aligned_112")
 TARGET_P50_S = 10.0
@@ -54,10 +61,8 @@ BARE_BATCH = 64
 
 def load() -> dict[str, Any]:
     """The load average now, and `uptime` as it prints it."""
-    one, five, fifteen = os.getloadavg()
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    averages = {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
-    return {**averages, "uptime": uptime}
+    one, five, fifteen = load_averages()
+    return {"load_1m": one, "load_5m": five, "load_15m": fifteen, "uptime": uptime()}
 
 
 def face_files() -> list[Path]:
@@ -121,30 +126,6 @@ def bare_forward(seconds: float) -> dict[str, Any]:
 # The service.
 
 
-@contextmanager
-def worker(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    import signal
-
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while b" ready." not in log.read_bytes():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command} did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
-        yield process
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def wait_job(client: Any, job_id: str, timeout_s: float = 300) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -170,7 +151,7 @@ class Poller(threading.Thread):
 
     def __init__(self, database_url: str, model_id: str) -> None:
         super().__init__(daemon=True)
-        self.url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        self.url = libpq_url(database_url)
         self.model_id = model_id
         self.seen: dict[str, float] = {}
         self.stop = threading.Event()
@@ -248,8 +229,7 @@ def embed_jobs(database_url: str) -> list[tuple[float, int]]:
     """(running seconds, faces embedded) of every finished embed job, in the order they started."""
     import psycopg
 
-    url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(libpq_url(database_url)) as conn:
         rows = conn.execute(
             "SELECT extract(epoch FROM finished_at - started_at), result FROM jobs "
             "WHERE kind = 'embed' AND status = 'succeeded' ORDER BY started_at"
@@ -266,16 +246,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     faces = variants(face_files(), int(args.rate * args.seconds))
     suffix = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory(prefix="magtune-bench-") as tmp, fresh_database() as database_url:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("MAGTUNE_")}
-        env.update(
-            MAGTUNE_DATABASE_URL=database_url,
-            MAGTUNE_BROKER_URL=REDIS_URL,
-            MAGTUNE_DATA_DIR=str(Path(tmp) / "data"),
+        env = migrated_env(
+            database_url,
+            tmp,
             MAGTUNE_QUEUE_NAME=f"gpu-bench-{suffix}",
             MAGTUNE_EMBED_QUEUE_NAME=f"embed-bench-{suffix}",
             PYTHONUNBUFFERED="1",
         )
-        subprocess.run(magtune("migrate"), env=env, check=True, capture_output=True)
         port = free_port()
         api = magtune("serve", "--host", "127.0.0.1", "--port", str(port))
         embed_queue = env["MAGTUNE_EMBED_QUEUE_NAME"]
@@ -356,7 +333,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to upload")
     parser.add_argument("--bare-seconds", type=float, default=10.0, help="the bare forward's timed seconds")
     parser.add_argument("--drain-seconds", type=float, default=120.0, help="wait for the backlog at the end")
-    print(json.dumps(run(parser.parse_args()), indent=2))
+    print_report(run(parser.parse_args()))
 
 
 if __name__ == "__main__":

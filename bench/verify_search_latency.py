@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -29,14 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from api_ingest import REDIS_URL, free_port, fresh_database, magtune, server
+from processes import (
+    free_port,
+    fresh_database,
+    libpq_url,
+    load_averages,
+    magtune,
+    migrated_env,
+    print_report,
+    server,
+    uptime,
+)
 
 FACES_PER_SUBJECT = 10
 COPY_CHUNK = 20_000
-
-
-def load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
 
 
 def insert_data(database_url: str, faces: int, dim: int, seed: int) -> tuple[list[uuid.UUID], uuid.UUID]:
@@ -62,8 +65,7 @@ def insert_data(database_url: str, faces: int, dim: int, seed: int) -> tuple[lis
     rng = np.random.default_rng(seed)
     ids = [uuid.UUID(bytes=bytes(rng.integers(0, 256, 16, dtype=np.uint8)), version=4) for _ in range(faces)]
     now = utcnow()
-    plain_url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(plain_url) as conn, conn.cursor() as cur:
+    with psycopg.connect(libpq_url(database_url)) as conn, conn.cursor() as cur:
         with cur.copy(
             "COPY faces (id, sha256, byte_size, media_type, width, height, channels, split, subject, source,"
             " created_at) FROM STDIN"
@@ -136,7 +138,7 @@ async def measure(
         "p50_ms": ms(0.5),
         "p99_ms": ms(0.99),
         "mean_ms": round(1000 * statistics.fmean(latencies), 2) if latencies else None,
-        "load_average": load_average(),
+        "load_average": load_averages(),
     }
 
 
@@ -144,13 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="magtune-bench-") as tmp, fresh_database() as database_url:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("MAGTUNE_")}
-        env.update(
-            MAGTUNE_DATABASE_URL=database_url,
-            MAGTUNE_BROKER_URL=REDIS_URL,
-            MAGTUNE_DATA_DIR=str(Path(tmp) / "data"),
-        )
-        subprocess.run(magtune("migrate"), env=env, check=True, capture_output=True)
+        env = migrated_env(database_url, tmp)
         started = time.monotonic()
         faces, model_id = insert_data(database_url, args.faces, args.dim, args.seed)
         insert_s = time.monotonic() - started
@@ -162,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             first = httpx.post(f"{base_url}/v1/search", json={"face": str(faces[0])}, timeout=600)
             first.raise_for_status()
             index_load_s = time.monotonic() - started
-            load_after_index = load_average()
+            load_after_index = load_averages()
             figures = [
                 asyncio.run(measure(base_url, route, faces, concurrency, args.seconds))
                 for route in ("verify", "search")
@@ -182,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_after_index_load": load_after_index,
         "seconds_per_figure": args.seconds,
         "figures": figures,
-        "uptime": subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip(),
+        "uptime": uptime(),
     }
 
 
@@ -194,8 +190,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    json.dump(run(args), sys.stdout, indent=2)
-    print()
+    print_report(run(args))
 
 
 if __name__ == "__main__":

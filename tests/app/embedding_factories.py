@@ -4,7 +4,6 @@ Vectors are random unit vectors (float32, little-endian); every batch bumps the 
 worker's writers do, and a model starts serving when its activation gets `embedded_at`.
 """
 
-import hashlib
 import uuid
 from collections.abc import Sequence
 
@@ -13,7 +12,8 @@ from sqlalchemy import select
 
 from app.config import Settings
 from app.db import session_scope
-from app.tables import Activation, EmbeddingGeneration, Face, FaceEmbedding, ModelVersion, utcnow
+from app.tables import Activation, EmbeddingGeneration, FaceEmbedding, ModelVersion, utcnow
+from tests.app.factories import face_row
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int = 32) -> np.ndarray:
@@ -27,17 +27,7 @@ def insert_faces(
     sources = sources if sources is not None else [None] * len(subjects)
     with session_scope(settings.database_url) as session:
         faces = [
-            Face(
-                sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
-                byte_size=1,
-                media_type="image/png",
-                width=112,
-                height=112,
-                channels=3,
-                split="train",
-                subject=subject,
-                source=source,
-            )
+            face_row(subject=subject, source=source)
             for subject, source in zip(subjects, sources, strict=True)
         ]
         session.add_all(faces)

@@ -45,19 +45,27 @@ def read_job(settings: Settings, job_id: uuid.UUID) -> Job:
         return job
 
 
+def face_row(
+    *, split: str = "train", subject: str | None = None, source: str | None = None, byte_size: int = 1
+) -> Face:
+    """A face without an upload: a 112×112 PNG's metadata under a random digest, not yet added."""
+    return Face(
+        sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
+        byte_size=byte_size,
+        media_type="image/png",
+        width=112,
+        height=112,
+        channels=3,
+        split=split,
+        subject=subject,
+        source=source,
+    )
+
+
 def insert_face(settings: Settings, *, split: str = "train", subject: str | None = None) -> uuid.UUID:
     """A face row without an upload, for tests that need many faces with chosen splits."""
     with session_scope(settings.database_url) as session:
-        face = Face(
-            sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
-            byte_size=1,
-            media_type="image/png",
-            width=112,
-            height=112,
-            channels=3,
-            split=split,
-            subject=subject,
-        )
+        face = face_row(split=split, subject=subject)
         session.add(face)
         session.flush()
         return face.id

@@ -1,6 +1,5 @@
 """The dashboard document (`GET /v1/metrics`) and the Prometheus text (`GET /metrics`)."""
 
-import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -11,24 +10,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config import Settings
 from app.db import session_scope
 from app.observability import record_feedback_ingested
-from app.tables import Activation, Evaluation, Face, FaceEmbedding, FeedbackPair, ModelVersion
-from tests.app.factories import insert_job, insert_model
+from app.tables import Activation, Evaluation, FaceEmbedding, FeedbackPair, ModelVersion
+from tests.app.factories import face_row, insert_job, insert_model
 
 
 def insert_faces(settings: Settings, splits: list[str]) -> list[uuid.UUID]:
     with session_scope(settings.database_url) as session:
-        faces = [
-            Face(
-                sha256=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
-                byte_size=100,
-                media_type="image/png",
-                width=112,
-                height=112,
-                channels=3,
-                split=split,
-            )
-            for split in splits
-        ]
+        faces = [face_row(split=split, byte_size=100) for split in splits]
         session.add_all(faces)
         session.flush()
         return [face.id for face in faces]

@@ -3,7 +3,9 @@
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import PlainSerializer
+from pydantic import PlainSerializer, StringConstraints
+
+MAX_LABEL_CHARS = 256  # the width of the faces' subject and source columns
 
 
 def _as_utc_iso(value: datetime) -> str:
@@ -13,3 +15,6 @@ def _as_utc_iso(value: datetime) -> str:
 
 
 UtcDatetime = Annotated[datetime, PlainSerializer(_as_utc_iso, return_type=str, when_used="json")]
+
+# A subject or source as a request names it: what the database can store (PostgreSQL refuses NUL in text).
+FaceLabel = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS, pattern=r"^[^\x00]*$")]

@@ -1,14 +1,12 @@
 """Search requests and answers."""
 
 import uuid
-from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas import FaceLabel
 
 MAX_K = 100
-MAX_LABEL_CHARS = 256
-
-Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS)]
 
 
 class SearchRequest(BaseModel):
@@ -16,8 +14,8 @@ class SearchRequest(BaseModel):
 
     face: uuid.UUID = Field(description="the query: a stored face the serving model has embedded")
     k: int = Field(10, ge=1, le=MAX_K, description="how many faces (and at most how many subjects) to return")
-    subject: Label | None = Field(None, description="only faces of this subject")
-    source: Label | None = Field(None, description="only faces from this source")
+    subject: FaceLabel | None = Field(None, description="only faces of this subject")
+    source: FaceLabel | None = Field(None, description="only faces from this source")
 
 
 class FaceMatch(BaseModel):

@@ -1,13 +1,11 @@
 """Verification requests and answers."""
 
 import uuid
-from typing import Annotated, Self
+from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_LABEL_CHARS = 256
-
-Subject = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS)]
+from app.schemas import FaceLabel
 
 
 class VerifyRequest(BaseModel):
@@ -26,7 +24,7 @@ class VerifyRequest(BaseModel):
     face_a: uuid.UUID | None = None
     face_b: uuid.UUID | None = None
     face: uuid.UUID | None = None
-    subject: Subject | None = None
+    subject: FaceLabel | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> Self:

@@ -225,7 +225,17 @@ def test_the_serving_model_switches_only_once_its_activation_is_embedded(
 
 
 @pytest.mark.parametrize(
-    "fields", [{"k": 0}, {"k": 101}, {"k": "many"}, {"subject": ""}, {"source": "x" * 257}, {"limit": 3}]
+    "fields",
+    [
+        {"k": 0},
+        {"k": 101},
+        {"k": "many"},
+        {"subject": ""},
+        {"source": "x" * 257},
+        {"subject": "an\u0000n"},  # PostgreSQL cannot store NUL in text
+        {"source": "\u0000"},
+        {"limit": 3},
+    ],
 )
 def test_bad_requests_are_422(client: TestClient, settings: Settings, fields: dict) -> None:
     face = insert_faces(settings, ["ann"])[0]

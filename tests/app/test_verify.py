@@ -139,6 +139,7 @@ def test_only_the_serving_model_answers_until_the_new_one_covers_every_face(
         {"face_a": str(uuid.uuid4()), "face_b": str(uuid.uuid4()), "subject": "ann"},
         {"face": str(uuid.uuid4()), "subject": ""},
         {"face": str(uuid.uuid4()), "subject": "x" * 257},
+        {"face": str(uuid.uuid4()), "subject": "an\u0000n"},  # PostgreSQL cannot store NUL in text
         {"face_a": "not-a-uuid", "face_b": str(uuid.uuid4())},
         {"face_a": str(uuid.uuid4()), "face_b": str(uuid.uuid4()), "threshold": 0.5},
     ],

@@ -141,7 +141,7 @@ def _embedding_generations(database_url: str, model_id: str) -> dict[uuid.UUID, 
                 FaceEmbedding.model_id == uuid.UUID(model_id)
             )
         )
-        return dict(rows.tuples().all())
+        return {face_id: generation for face_id, generation in rows}
 
 
 @pytest.mark.parametrize("heartbeat_timeout_s", [5.0])

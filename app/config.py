@@ -1,5 +1,6 @@
 """One settings class for the whole service, read from `MAGTUNE_*` environment variables."""
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,6 +51,10 @@ class Settings(BaseSettings):
     embed_watermark_lag_s: float = 60.0
     reindex_batch_size: int = 64
 
+    # Key that signs list cursors (`next_cursor`). Every api process must share it, so each accepts the
+    # others' cursors; empty (the default) derives it from `database_url`, which they share already.
+    cursor_secret: str = ""
+
     # promotion gate: the candidate may lose at most this much AUC on the regression set
     regression_auc_tolerance: float = 0.002
 
@@ -69,6 +74,13 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def cursor_key(self) -> bytes:
+        """The HMAC key of list cursors: `cursor_secret`, or else one derived from `database_url`."""
+        if self.cursor_secret:
+            return self.cursor_secret.encode()
+        return hashlib.sha256(b"magtune-cursor\0" + self.database_url.encode()).digest()
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -12,7 +12,7 @@ from app.config import Settings
 from app.deps import PageDep, SessionDep, SettingsDep
 from app.faces import service
 from app.faces.schemas import FaceOut
-from app.pagination import Page
+from app.pagination import PAGE_RESPONSES, Page
 from app.problems import problem_doc
 from app.uploads import multipart_body, receive_upload
 
@@ -79,7 +79,7 @@ async def upload_face(
     return (await run_in_threadpool(lambda: service.faces_out(session, [face])))[0]
 
 
-@router.get("", response_model=Page[FaceOut])
+@router.get("", response_model=Page[FaceOut], responses=PAGE_RESPONSES)
 def list_faces(
     session: SessionDep,
     page: PageDep,

@@ -11,7 +11,7 @@ from app.feedback import service
 from app.feedback.schemas import FeedbackBatchIn, FeedbackBatchOut, FeedbackIn, FeedbackOut
 from app.idempotency import REPLAYED_HEADER, Answer, IdempotencyKey, run_idempotently
 from app.observability import record_feedback_ingested
-from app.pagination import Page
+from app.pagination import PAGE_RESPONSES, Page
 from app.problems import problem_doc
 
 router = APIRouter(prefix="/feedback", tags=["feedback"])
@@ -80,7 +80,7 @@ def create_feedback_batch(
     return _respond(answer)
 
 
-@router.get("", response_model=Page[FeedbackOut])
+@router.get("", response_model=Page[FeedbackOut], responses=PAGE_RESPONSES)
 def list_feedback(
     session: SessionDep,
     page: PageDep,

@@ -9,7 +9,7 @@ from app.deps import PageDep, SessionDep, SettingsDep
 from app.domain import JobKind, JobStatus
 from app.jobs import service
 from app.jobs.schemas import JobCreate, JobOut
-from app.pagination import Page
+from app.pagination import PAGE_RESPONSES, Page
 from app.problems import problem_doc
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -33,7 +33,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, resp
     return JobOut.model_validate(service.get_job(session=session, job_id=job.id))
 
 
-@router.get("", response_model=Page[JobOut])
+@router.get("", response_model=Page[JobOut], responses=PAGE_RESPONSES)
 def list_jobs(
     session: SessionDep,
     page: PageDep,

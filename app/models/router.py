@@ -26,7 +26,7 @@ from app.models.schemas import (
     ValidationJobOut,
 )
 from app.models.serving import missing_faces, serving_activation
-from app.pagination import Page
+from app.pagination import PAGE_RESPONSES, Page
 from app.problems import Problem, problem_doc
 from app.tables import Evaluation, Job, ModelVersion
 from app.uploads import multipart_body, receive_upload
@@ -123,7 +123,7 @@ async def register_model(
     return ModelRegistered(**model.model_dump(), validation_job_id=job.id if job is not None else None)
 
 
-@router.get("", response_model=Page[ModelOut])
+@router.get("", response_model=Page[ModelOut], responses=PAGE_RESPONSES)
 def list_models(
     session: SessionDep,
     page: PageDep,
@@ -161,7 +161,7 @@ def get_active_model(session: SessionDep) -> ActiveModelOut:
     )
 
 
-@router.get("/activations", response_model=Page[ActivationOut])
+@router.get("/activations", response_model=Page[ActivationOut], responses=PAGE_RESPONSES)
 def list_activations(
     session: SessionDep, page: PageDep, model_id: Annotated[uuid.UUID | None, Query()] = None
 ) -> Page[ActivationOut]:

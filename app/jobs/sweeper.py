@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, func, or_, update
+from sqlalchemy import ColumnElement, and_, func, null, or_, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -84,6 +84,7 @@ def _recover_lost_workers(
             finished_at=now,
             error={
                 "type": "worker-lost",
+                "title": "Worker lost",
                 "detail": "the worker stopped sending heartbeats and the job has used all its attempts",
             },
         )
@@ -94,7 +95,7 @@ def _recover_lost_workers(
     requeued = session.execute(
         update(Job)
         .where(stale, Job.attempts < Job.max_attempts)
-        .values(status=JobStatus.QUEUED, worker=None, heartbeat_at=None, enqueued_at=now)
+        .values(status=JobStatus.QUEUED, worker=None, heartbeat_at=None, progress=null(), enqueued_at=now)
         .returning(Job.id, Job.kind)
         .execution_options(synchronize_session=False)
     ).all()

@@ -272,7 +272,14 @@ class TestSweeper:
 
     def test_recovers_jobs_of_lost_workers(self, settings: Settings, broker: QueueProbe) -> None:
         stale = ago(settings.job_heartbeat_timeout_s + 1)
-        retry = insert_job(settings, status="running", attempts=1, started_at=stale, heartbeat_at=stale)
+        retry = insert_job(
+            settings,
+            status="running",
+            attempts=1,
+            started_at=stale,
+            heartbeat_at=stale,
+            progress={"phase": "train", "epoch": 2},
+        )
         spent = insert_job(settings, status="running", attempts=3, started_at=stale, heartbeat_at=stale)
         cancelling = insert_job(
             settings,
@@ -290,10 +297,14 @@ class TestSweeper:
         assert report.failed == [spent]
         assert report.cancelled == [cancelling]
         assert broker.sent_job_ids() == [str(retry)]
-        assert read_job(settings, retry).status == "queued"
+        requeued = read_job(settings, retry)
+        assert requeued.status == "queued"
+        assert requeued.progress is None, "a queued job shows no progress of the attempt that died"
         failed = read_job(settings, spent)
         assert failed.status == "failed"
         assert failed.error["type"] == "worker-lost"
+        assert failed.error["title"] == "Worker lost"
+        assert failed.error["detail"]
         assert failed.finished_at == NOW
         assert read_job(settings, cancelling).status == "cancelled"
         assert read_job(settings, alive).status == "running"

@@ -5,13 +5,14 @@ be enforced after the bytes were already on disk. Here the request body is parse
 is hashed into a `StagedBlob` and the request is refused as soon as it passes its limit.
 """
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from anyio import to_thread
 from fastapi import Request
+from pydantic import TypeAdapter, ValidationError
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
@@ -194,6 +195,27 @@ def _field_problem(name: str, message: str, error_type: str) -> Problem:
         f"body.{name}: {message}",
         errors=[{"loc": ["body", name], "msg": message, "type": error_type}],
     )
+
+
+def check_fields(fields: Mapping[str, str], **types: Any) -> None:
+    """Refuse (422 `validation-error`, as for a JSON body) any received text field that its type refuses.
+
+    `types` maps a field's name to its type, e.g. `Annotated[str, stored_text(256)]`; absent fields pass.
+    """
+    errors: list[dict[str, Any]] = []
+    for name, declared in types.items():
+        if name not in fields:
+            continue
+        try:
+            TypeAdapter(declared).validate_python(fields[name])
+        except ValidationError as exc:
+            errors.extend(
+                {"loc": ["body", name, *error["loc"]], "msg": error["msg"], "type": error["type"]}
+                for error in exc.errors()
+            )
+    if errors:
+        detail = "; ".join(f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in errors[:5])
+        raise Problem(422, "validation-error", "Invalid request", detail, errors=errors)
 
 
 def multipart_body(

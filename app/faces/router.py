@@ -14,11 +14,14 @@ from app.faces import service
 from app.faces.schemas import FaceOut
 from app.pagination import PAGE_RESPONSES, Page
 from app.problems import problem_doc
-from app.uploads import multipart_body, receive_upload
+from app.schemas import stored_text
+from app.uploads import check_fields, multipart_body, receive_upload
 
 router = APIRouter(prefix="/faces", tags=["faces"])
 
 MAX_LABEL_CHARS = 256
+MAX_SPLIT_CHARS = 16
+Label = Annotated[str, stored_text(MAX_LABEL_CHARS)]
 
 _UPLOAD_BODY = multipart_body(
     "JPEG, PNG, WebP or BMP",
@@ -61,6 +64,7 @@ async def upload_face(
         text_fields=("subject", "source"),
         max_field_chars=MAX_LABEL_CHARS,
     ) as upload:
+        check_fields(upload.fields, subject=Label, source=Label)
         face, created = await run_in_threadpool(
             lambda: service.store_face(
                 session=session,
@@ -83,8 +87,8 @@ async def upload_face(
 def list_faces(
     session: SessionDep,
     page: PageDep,
-    subject: Annotated[str | None, Query(max_length=MAX_LABEL_CHARS)] = None,
-    split: Annotated[str | None, Query(max_length=16)] = None,
+    subject: Annotated[Label | None, Query()] = None,
+    split: Annotated[Annotated[str, stored_text(MAX_SPLIT_CHARS)] | None, Query()] = None,
 ) -> Page[FaceOut]:
     """Faces, newest first."""
     faces, cursor = service.list_faces(session=session, page=page, subject=subject, split=split)

@@ -13,6 +13,7 @@ from app.idempotency import REPLAYED_HEADER, Answer, IdempotencyKey, run_idempot
 from app.observability import record_feedback_ingested
 from app.pagination import PAGE_RESPONSES, Page
 from app.problems import problem_doc
+from app.schemas import stored_text
 
 router = APIRouter(prefix="/feedback", tags=["feedback"])
 
@@ -85,7 +86,7 @@ def list_feedback(
     session: SessionDep,
     page: PageDep,
     label: Annotated[int | None, Query(ge=0, le=1)] = None,
-    split: Annotated[str | None, Query(max_length=16)] = None,
+    split: Annotated[Annotated[str, stored_text(16)] | None, Query()] = None,
     face: Annotated[uuid.UUID | None, Query(description="Pairs naming this face on either side")] = None,
 ) -> Page[FeedbackOut]:
     """Feedback pairs, newest first."""

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from app.domain import FeedbackSplit
-from app.schemas import UtcDatetime
+from app.schemas import UtcDatetime, stored_text
 
 Label = Annotated[
     StrictInt,
@@ -22,8 +22,8 @@ class FeedbackIn(BaseModel):
     face_a: uuid.UUID
     face_b: uuid.UUID
     label: Label
-    annotator: str | None = Field(default=None, max_length=256)
-    source: str | None = Field(default=None, max_length=256)
+    annotator: Annotated[str, stored_text(256)] | None = None
+    source: Annotated[str, stored_text(256)] | None = None
     split: Literal[FeedbackSplit.REGRESSION] | None = Field(
         default=None,
         description='"regression" puts the pair in the regression set, whose faces are never trained on; '

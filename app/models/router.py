@@ -28,12 +28,14 @@ from app.models.schemas import (
 from app.models.serving import missing_faces, serving_activation
 from app.pagination import PAGE_RESPONSES, Page
 from app.problems import Problem, problem_doc
+from app.schemas import stored_text
 from app.tables import Evaluation, Job, ModelVersion
-from app.uploads import multipart_body, receive_upload
+from app.uploads import check_fields, multipart_body, receive_upload
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-MAX_NAME_CHARS = 256
+MAX_NAME_CHARS = 256  # the width of the models' name column
+ModelName = Annotated[str, stored_text(MAX_NAME_CHARS)]
 
 _UPLOAD_BODY = multipart_body(
     "a torch.save checkpoint",
@@ -61,6 +63,20 @@ def _detail(session: Session, model: ModelVersion) -> ModelOut:
     evaluations = service.evaluations_by_model(session, [model.id]).get(model.id, [])
     validation = service.validation_jobs_by_model(session, [model.id]).get(model.id)
     return _model_out(model, service.active_model_id(session), evaluations, validation)
+
+
+def _name(field: str | None, filename: str | None) -> str | None:
+    """The model's name: the `name` field (refused when the database could not store it), else the upload's
+    filename, cut to the column's width (a long filename is no reason to refuse a checkpoint; `name` is
+    there to choose a better one)."""
+    if field:
+        check_fields({"name": field}, name=ModelName)
+        return field
+    if filename is None:
+        return None
+    name = filename[:MAX_NAME_CHARS]
+    check_fields({"file": name}, file=ModelName)  # NUL in the filename: refused, naming the file part
+    return name
 
 
 def _arch(value: str | None) -> Architecture:
@@ -106,6 +122,7 @@ async def register_model(
         max_field_chars=MAX_NAME_CHARS,
     ) as upload:
         arch = _arch(upload.fields.get("arch"))
+        name = _name(upload.fields.get("name"), upload.filename)
         registration = await run_in_threadpool(
             lambda: service.register_model(
                 session=session,
@@ -113,7 +130,7 @@ async def register_model(
                 store=store,
                 blob=upload.blob,
                 arch=arch,
-                name=upload.fields.get("name") or upload.filename,
+                name=name,
             )
         )
     model = await run_in_threadpool(lambda: _detail(session, registration.model))

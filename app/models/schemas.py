@@ -1,12 +1,12 @@
 """Model registry resources as the api shows them."""
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.domain import Architecture, EvaluationSplit, JobStatus, ModelStatus
-from app.schemas import UtcDatetime
+from app.schemas import UtcDatetime, stored_text
 
 
 class EvaluationOut(BaseModel):
@@ -80,8 +80,8 @@ class ModelRegistered(ModelOut):
 class ActivationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str | None = Field(None, max_length=2000)
-    actor: str | None = Field(None, max_length=256)
+    reason: Annotated[str, stored_text(2000)] | None = None
+    actor: Annotated[str, stored_text(256)] | None = None
 
 
 class ActivationOut(BaseModel):

@@ -220,6 +220,18 @@ def test_an_over_long_subject_is_refused(
     assert blob_files(settings) == []
 
 
+@pytest.mark.parametrize("field", ["subject", "source"])
+def test_a_label_holding_nul_is_refused(
+    client: TestClient, settings: Settings, face_pngs: list[Path], field: str
+) -> None:
+    response = upload(client, face_pngs[0].read_bytes(), **{field: "an\u0000n"})  # PostgreSQL refuses NUL
+
+    body = assert_problem(response, 422, "validation-error")
+    assert [error["loc"] for error in body["errors"]] == [["body", field]]
+    assert count_rows(settings, Face) == 0
+    assert blob_files(settings) == []
+
+
 # ---- read, list ------------------------------------------------------------------------------------------
 
 
@@ -274,6 +286,15 @@ def test_listing_filters_by_subject_and_split(client: TestClient, face_pngs: lis
     for split in ("train", "val", "test"):
         listed = client.get("/v1/faces", params={"split": split, "limit": 100}).json()["items"]
         assert {f["id"] for f in listed} == {f["id"] for f in uploaded if f["split"] == split}
+
+
+@pytest.mark.parametrize("param", ["subject", "split"])
+def test_a_list_filter_holding_nul_is_refused(client: TestClient, settings: Settings, param: str) -> None:
+    insert_face(settings, subject="ann")
+
+    body = assert_problem(client.get("/v1/faces", params={param: "an\u0000n"}), 422, "validation-error")
+
+    assert [error["loc"] for error in body["errors"]] == [["query", param]]
 
 
 def test_a_cursor_not_issued_by_the_api_is_refused(client: TestClient) -> None:

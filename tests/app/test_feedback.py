@@ -140,6 +140,32 @@ def test_malformed_bodies_are_refused(
     assert count_rows(settings, FeedbackPair) == 0
 
 
+@pytest.mark.parametrize("field", ["annotator", "source"])
+def test_text_holding_nul_is_refused_alone_and_item_by_item(
+    client: TestClient, settings: Settings, train_faces: list[uuid.UUID], field: str
+) -> None:
+    bad = pair(*train_faces[:2], **{field: "an\u0000n"})  # PostgreSQL cannot store NUL in text
+
+    body = assert_problem(client.post("/v1/feedback", json=bad), 422, "validation-error")
+    assert [error["loc"] for error in body["errors"]] == [["body", field]]
+    assert count_rows(settings, FeedbackPair) == 0
+
+    batch = client.post("/v1/feedback/batch", json={"items": [bad, pair(*train_faces[2:4])]})
+    assert batch.status_code == 200, batch.text
+    results = batch.json()["results"]
+    assert [result["status"] for result in results] == ["error", "created"]
+    assert results[0]["error"]["type"].endswith("/validation-error")
+    assert [error["loc"] for error in results[0]["error"]["errors"]] == [[field]]
+    assert count_rows(settings, FeedbackPair) == 1
+
+
+def test_a_list_filter_holding_nul_is_refused(client: TestClient) -> None:
+    response = client.get("/v1/feedback", params={"split": "tr\u0000ain"})
+
+    body = assert_problem(response, 422, "validation-error")
+    assert [error["loc"] for error in body["errors"]] == [["query", "split"]]
+
+
 def test_unknown_faces_are_named(
     client: TestClient, settings: Settings, train_faces: list[uuid.UUID]
 ) -> None:
@@ -446,3 +472,15 @@ def test_the_embedded_sqlite_database_behaves_the_same(tmp_path: Path, johns_dir
         remaining = client.get("/v1/feedback").json()["items"]
         assert [item["id"] for item in remaining] == [body["results"][5]["id"]]
     assert len([path for path in settings.blob_dir.rglob("*") if path.is_file()]) == 3
+
+
+def test_the_embedded_sqlite_database_refuses_nul_too(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "embedded", broker_url="memory://")
+    upgrade_database(settings.database_url)
+
+    with TestClient(create_app(settings, run_sweeper=False)) as client:
+        bad = pair(uuid.uuid4(), uuid.uuid4(), annotator="an\u0000n")
+        body = assert_problem(client.post("/v1/feedback", json=bad), 422, "validation-error")
+        assert [error["loc"] for error in body["errors"]] == [["body", "annotator"]]
+        listed = client.get("/v1/faces", params={"subject": "an\u0000n"})
+        assert_problem(listed, 422, "validation-error")

@@ -29,7 +29,7 @@ from app.models.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan
 from app.models.service import activate, validation_jobs_by_model
 from app.models.serving import mark_embedded_if_complete
 from app.tables import Activation, FaceEmbedding, Job, ModelVersion, utcnow
-from tests.app.factories import insert_face, insert_job, insert_model
+from tests.app.factories import count_rows, insert_face, insert_job, insert_model
 from tests.app.problems import assert_problem
 from tests.queues import QueueProbe
 
@@ -170,6 +170,26 @@ class TestRegister:
         assert problem["offending_global"] == "posix.system"
         assert not marker.exists()
         assert stored_files(settings) == []
+
+    @pytest.mark.parametrize("name", ["an\u0000n", "x" * 257], ids=["nul", "over-256"])
+    def test_a_name_the_database_cannot_store_is_refused_and_not_kept(
+        self, client: TestClient, settings: Settings, broker: QueueProbe, name: str
+    ) -> None:
+        body = assert_problem(upload(client, state_dict_checkpoint(), name=name), 422, "validation-error")
+
+        assert [error["loc"] for error in body["errors"]] == [["body", "name"]]
+        assert count_rows(settings, ModelVersion) == count_rows(settings, Job) == 0
+        assert stored_files(settings) == []
+        assert broker.sent_job_ids() == []
+
+    def test_a_filename_over_256_characters_names_the_model_cut_to_256(self, client: TestClient) -> None:
+        filename = "m" * 300 + ".pth"
+        response = client.post(
+            "/v1/models", files={"file": (filename, state_dict_checkpoint())}, data={"arch": "iresnet18"}
+        )
+
+        assert response.status_code == 202, response.text
+        assert response.json()["name"] == filename[:256]
 
     def test_an_oversized_checkpoint_is_a_413_and_leaves_nothing(self, settings: Settings) -> None:
         small = settings.model_copy(update={"max_checkpoint_bytes": 1024})
@@ -364,6 +384,19 @@ class TestActivate:
 
         assert_problem(response, 409, "model-not-ready")
         assert client.get("/v1/models/activations").json()["items"] == []
+
+    @pytest.mark.parametrize("field", ["actor", "reason"])
+    def test_an_actor_or_reason_holding_nul_is_refused(
+        self, client: TestClient, settings: Settings, broker: QueueProbe, field: str
+    ) -> None:
+        model = insert_model(settings)
+
+        response = client.post(f"/v1/models/{model}/activate", json={field: "o\u0000ps"})
+
+        body = assert_problem(response, 422, "validation-error")
+        assert [error["loc"] for error in body["errors"]] == [["body", field]]
+        assert count_rows(settings, Activation) == count_rows(settings, Job) == 0
+        assert broker.sent_job_ids() == []
 
     def test_activation_is_logged_and_queues_a_reindex(
         self, client: TestClient, settings: Settings, broker: QueueProbe

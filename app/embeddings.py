@@ -12,7 +12,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models.serving import serving_activation
+from app.models.serving import serving_activation, serving_model
 from app.problems import Problem
 from app.tables import Face, FaceEmbedding, ModelVersion
 
@@ -32,8 +32,7 @@ def serving_model_id(session: Session) -> uuid.UUID | None:
 
 def require_serving_model(session: Session) -> ModelVersion:
     """The model whose embeddings answer, or a 409: before the first reindex completes, nothing can."""
-    activation = serving_activation(session)
-    model = session.get(ModelVersion, activation.model_id) if activation is not None else None
+    model = serving_model(session)
     if model is None:
         raise Problem(
             409,

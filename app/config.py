@@ -57,6 +57,11 @@ class Settings(BaseSettings):
 
     # promotion gate: the candidate may lose at most this much AUC on the regression set
     regression_auc_tolerance: float = 0.002
+    # promotion gate: the least evidence it judges on (app/evidence.py); below it the gate refuses with
+    # `not-enough-evidence` and the review queue asks for what is missing
+    gate_min_test_same: int = Field(default=20, ge=0)
+    gate_min_test_different: int = Field(default=20, ge=0)
+    gate_min_regression_pairs: int = Field(default=20, ge=0)
 
     @field_validator("split_fractions")
     @classmethod

@@ -36,12 +36,14 @@ def _respond(answer: Answer, location: str | None = None) -> JSONResponse:
     },
 )
 def create_feedback(
-    item: FeedbackIn, session: SessionDep, idempotency_key: IdempotencyKey = None
+    item: FeedbackIn, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Record one judgement on a pair of faces; (a, b) and (b, a) are the same pair."""
 
     def act() -> tuple[int, dict]:
-        stored, created = service.record_feedback(session=session, item=item)
+        stored, created = service.record_feedback(
+            session=session, item=item, fractions=settings.split_fractions
+        )
         return (201 if created else 200), FeedbackOut.model_validate(stored).model_dump(mode="json")
 
     payload = item.model_dump(mode="json")
@@ -67,7 +69,10 @@ def create_feedback_batch(
 
     def act() -> tuple[int, dict]:
         outcome = service.record_feedback_batch(
-            session=session, items=batch.items, max_items=settings.max_feedback_batch
+            session=session,
+            items=batch.items,
+            max_items=settings.max_feedback_batch,
+            fractions=settings.split_fractions,
         )
         created_by_label.update(outcome.created_by_label)
         return 200, outcome.body

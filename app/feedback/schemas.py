@@ -65,6 +65,7 @@ class ItemResult(BaseModel):
     index: int
     status: Literal["created", "existing", "error"]
     id: uuid.UUID | None = None
+    split: FeedbackSplit | None = Field(default=None, description="The stored pair's split")
     error: ItemError | None = None
 
 

@@ -147,7 +147,8 @@ def record_feedback_batch(
             f"{len(items)} items, over the limit of {max_items} per batch; nothing was stored",
             max_items=max_items,
         )
-    outcomes = ingest_feedback(session=session, items=_parse_items(items), fractions=fractions)
+    parsed = [_no_lease(item) for item in _parse_items(items)]
+    outcomes = ingest_feedback(session=session, items=parsed, fractions=fractions)
     results: list[dict[str, Any]] = []
     counts = {"created": 0, "existing": 0, "error": 0}
     created_by_label = {0: 0, 1: 0}
@@ -291,6 +292,19 @@ def _parse_items(items: Sequence[Any]) -> list[FeedbackIn | Problem]:
         return list(_ITEMS.validate_python(items))
     except ValidationError:
         return [_parse_item(raw) for raw in items]
+
+
+def _no_lease(item: FeedbackIn | Problem) -> FeedbackIn | Problem:
+    """Leases are answered one by one (POST /v1/feedback), where the lease is checked and released."""
+    if isinstance(item, FeedbackIn) and item.lease_id is not None:
+        return Problem(
+            422,
+            "lease-in-batch",
+            "Lease in a batch",
+            "answer a review lease with POST /v1/feedback, one pair at a time",
+            errors=[{"loc": ["lease_id"], "msg": "not accepted in a batch", "type": "lease_in_batch"}],
+        )
+    return item
 
 
 def _parse_item(raw: Any) -> FeedbackIn | Problem:

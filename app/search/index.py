@@ -298,6 +298,14 @@ class EmbeddingIndex:
         ids = self._n * (8 + 56 + 100)  # list slot, UUID object with its int, dict entry
         return buffers + ids + (self._codes.nbytes if self._codes is not None else 0)
 
+    def ids(self) -> list[uuid.UUID]:
+        """A copy of every id held, in row order (the review queue samples faces from it)."""
+        self._lock.acquire_read()
+        try:
+            return list(self._ids)
+        finally:
+            self._lock.release_read()
+
     def vector(self, face_id: IdLike) -> np.ndarray:
         """A copy of the stored vector (KeyError when absent)."""
         key = as_uuid(face_id)

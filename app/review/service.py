@@ -15,11 +15,11 @@ import random
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -38,6 +38,7 @@ FALLBACK_THRESHOLD = 0.4  # the uncertainty centre while the serving model has n
 MAX_PAIRS_PER_SPLIT = 4000  # random within-split pairs kept as candidates, per split
 LEASE_ROUNDS = 3  # selections tried when concurrent reviewers took some of the pairs first
 _IDS_PER_QUERY = 2000
+_LEASING_LOCK_KEY = 0x6D6167_7265_7669
 
 Key = tuple[uuid.UUID, uuid.UUID]
 
@@ -66,7 +67,6 @@ def lease_pairs(*, session: Session, settings: Settings, limit: int) -> ReviewPa
     threshold = model.threshold if model.threshold is not None else FALLBACK_THRESHOLD
     rng = random.Random(settings.review_seed) if settings.review_seed is not None else random.Random()
     now = utcnow()
-    session.execute(delete(ReviewLease).where(ReviewLease.expires_at <= now))
     needed = evidence_needed(count_evidence(session), EvidenceMinimums.from_settings(settings))
     shares = selection.page_shares(
         limit,
@@ -78,8 +78,10 @@ def lease_pairs(*, session: Session, settings: Settings, limit: int) -> ReviewPa
     candidates: list[selection.Candidate] = []
     info: dict[uuid.UUID, FaceInfo] = {}
     if entry.index is not None and len(entry.index) >= 2:
-        candidates, info = _candidates(session, settings, entry.index, threshold, rng)
+        candidates, info = _candidates(session, settings, entry.index, threshold, rng, now)
 
+    _lock_leasing(session)
+    session.execute(delete(ReviewLease).where(ReviewLease.expires_at <= now))
     expires_at = now + timedelta(seconds=settings.review_lease_s)
     leased: list[tuple[uuid.UUID, selection.Choice]] = []
     taken: set[Key] = set()
@@ -173,8 +175,21 @@ def claim_lease(*, session: Session, lease_id: uuid.UUID, face_x: uuid.UUID, fac
     session.delete(lease)
 
 
+def _lock_leasing(session: Session) -> None:
+    """Serialise the writing of leases until commit, so that two reviewers never wait on each other's
+    uncommitted leases (each holding a pair the other wants: a deadlock). PostgreSQL: an advisory lock;
+    SQLite: the first write takes the database's one write lock anyway."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LEASING_LOCK_KEY})
+
+
 def _candidates(
-    session: Session, settings: Settings, index: EmbeddingIndex, threshold: float, rng: random.Random
+    session: Session,
+    settings: Settings,
+    index: EmbeddingIndex,
+    threshold: float,
+    rng: random.Random,
+    now: datetime,
 ) -> tuple[list[selection.Candidate], dict[uuid.UUID, FaceInfo]]:
     ids = index.ids()
     if settings.review_seed is not None:
@@ -192,7 +207,7 @@ def _candidates(
 
     faces = set(info)
     labelled, same_of, different = _labels(session, faces)
-    leased = _leased(session, faces)
+    leased = _leased(session, faces, now)
 
     def eligible(key: Key) -> bool:
         return key[0] != key[1] and key not in labelled and key not in leased
@@ -313,13 +328,18 @@ def _labels(session: Session, faces: set[uuid.UUID]) -> tuple[set[Key], Any, set
     return labelled, find, different
 
 
-def _leased(session: Session, faces: set[uuid.UUID]) -> set[Key]:
+def _leased(session: Session, faces: set[uuid.UUID], now: datetime) -> set[Key]:
+    """The pairs among `faces` that live leases hold."""
     found: set[Key] = set()
     ordered = sorted(faces)
     for chunk in _chunks(ordered):
         rows = session.execute(
             select(ReviewLease.face_a, ReviewLease.face_b).where(
-                and_(ReviewLease.face_a.in_(chunk), ReviewLease.face_b.in_(ordered))
+                and_(
+                    ReviewLease.face_a.in_(chunk),
+                    ReviewLease.face_b.in_(ordered),
+                    ReviewLease.expires_at > now,
+                )
             )
         )
         found.update((a, b) for a, b in rows)
@@ -330,8 +350,8 @@ def _insert_leases(
     session: Session,
     choices: Sequence[selection.Choice],
     model_id: uuid.UUID,
-    now: Any,
-    expires_at: Any,
+    now: datetime,
+    expires_at: datetime,
 ) -> dict[Key, uuid.UUID]:
     """Lease the chosen pairs, skipping those a concurrent reviewer holds; the leases stored, by pair."""
     rows = [

@@ -84,7 +84,9 @@ class Base(DeclarativeBase):
 
 
 class Face(Base):
-    """A stored face crop; its split is fixed by its content hash so no image is ever in two splits."""
+    """A stored face crop. Its split starts from its content hash; until the face has a label it may join
+    a pair partner's split (app/feedback/placement.py), after that it never changes. One row per image, so
+    no image is ever in two splits."""
 
     __tablename__ = "faces"
 

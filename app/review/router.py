@@ -25,6 +25,8 @@ def lease_pairs(session: SessionDep, settings: SettingsDep, body: LeaseRequest |
     POST /v1/feedback and its `lease_id`, or skip it with DELETE /v1/review/leases/{lease_id}. Fewer pairs
     come back when fewer are eligible."""
     limit = (body or LeaseRequest()).limit
+    if limit is None:
+        limit = min(service.DEFAULT_LIMIT, settings.review_max_limit)
     return service.lease_pairs(session=session, settings=settings, limit=limit)
 
 

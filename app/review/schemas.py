@@ -3,7 +3,7 @@
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from app.domain import FaceSplit
 from app.schemas import UtcDatetime
@@ -14,7 +14,9 @@ Reason = Literal["uncertain", "likely-same", "hard-different", "explore"]
 class LeaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    limit: int = Field(10, description="pairs wanted, 1..MAGTUNE_REVIEW_MAX_LIMIT (50 by default)")
+    limit: StrictInt | None = Field(
+        None, description="pairs wanted, 1..MAGTUNE_REVIEW_MAX_LIMIT (50 by default); 10 when left out"
+    )
 
 
 class ReviewFace(BaseModel):

@@ -34,6 +34,7 @@ from app.search.index import EmbeddingIndex
 from app.search.service import model_index
 from app.tables import Face, FeedbackPair, ReviewLease, utcnow
 
+DEFAULT_LIMIT = 10
 FALLBACK_THRESHOLD = 0.4  # the uncertainty centre while the serving model has no calibrated threshold
 MAX_PAIRS_PER_SPLIT = 4000  # random within-split pairs kept as candidates, per split
 LEASE_ROUNDS = 3  # selections tried when concurrent reviewers took some of the pairs first

@@ -216,6 +216,15 @@ def test_a_queue_without_a_serving_model_is_refused(client: TestClient, settings
 
     assert_problem(client.post("/v1/review/leases", json={"limit": 5}), 409, "no-serving-model")
     assert_problem(client.post("/v1/review/leases", json={"limit": 5, "extra": 1}), 422, "validation-error")
+    assert_problem(client.post("/v1/review/leases", json={"limit": "5"}), 422, "validation-error")
+    assert_problem(client.post("/v1/review/leases", json={"limit": True}), 422, "validation-error")
+
+
+def test_a_page_without_a_limit_has_ten_pairs(seeded: TestClient, settings: Settings) -> None:
+    Gallery(settings)
+
+    assert len(seeded.post("/v1/review/leases").json()["items"]) == 10
+    assert len(seeded.post("/v1/review/leases", json={}).json()["items"]) == 10
 
 
 def test_the_same_seed_and_state_give_the_same_page(
@@ -229,3 +238,29 @@ def test_the_same_seed_and_state_give_the_same_page(
     second = lease(client_with(review_seed=5), 10)["items"]
 
     assert [(key(i), i["reason"]) for i in first] == [(key(i), i["reason"]) for i in second]
+
+
+def test_two_reviewers_asking_at_once_never_hold_the_same_pair(
+    client_with: Callable[..., TestClient], settings: Settings
+) -> None:
+    """Both use the same seed, so both choose the same pairs first: one gets them, the other others."""
+    import threading
+
+    Gallery(settings)
+    reviewers = [client_with(review_seed=11) for _ in range(2)]
+    pages: list[list[dict[str, Any]]] = [[], []]
+    start = threading.Barrier(2)
+
+    def ask(n: int) -> None:
+        start.wait()
+        pages[n] = lease(reviewers[n], 12)["items"]
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert len(pages[0]) == len(pages[1]) == 12
+    assert not {key(item) for item in pages[0]} & {key(item) for item in pages[1]}
+    assert count_rows(settings, ReviewLease) == 24

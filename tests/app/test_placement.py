@@ -142,17 +142,19 @@ def test_dense_and_sparse_pairs_keep_the_split_shares_and_sparse_ones_waste_less
     import random
 
     rng = random.Random(7)
-    faces = [uuid.uuid4().int for _ in range(1000)]
+    faces = [rng.getrandbits(128) for _ in range(1000)]
     hashed = {face: rng.choices(["train", "val", "test"], [0.7, 0.15, 0.15])[0] for face in faces}
     splits, labelled, shares = dict(hashed), set(), Shares({}, DEFAULT_SPLIT_FRACTIONS)
-    cross = 0
+    cross = by_hash = 0
     for _ in range(1500):
         x, y = rng.sample(faces, 2)
+        by_hash += hashed[x] != hashed[y]
         place(x, y, splits, labelled, shares)
         cross += splits[x] != splits[y]
     used = [splits[face] for face in labelled]
 
-    assert cross < 0.25 * 1500  # 46% with splits by hash alone
+    assert by_hash > 0.4 * 1500  # about 46% by hash alone
+    assert cross < 0.3 * 1500  # about 25% (23% to 27% over seeds 0 to 7)
     for name, fraction in DEFAULT_SPLIT_FRACTIONS.items():
         assert abs(used.count(name) / len(used) - fraction) < 0.05
 

@@ -2,11 +2,11 @@
 
 A request does bounded work whatever the number of faces: it samples `review_sample_faces` faces at random
 from the serving model's in-memory search index (so only faces that model embedded), scores every
-within-split pair among them with one matrix product, searches the nearest neighbours of at most
-`review_anchors` training faces in that index, and reads the labelled pairs and live leases touching those
-faces. `selection` then picks the page; the picked pairs are leased with an insert that skips pairs a
-concurrent reviewer leased first (the unique pair in `review_leases`), and those are replaced from the
-remaining candidates.
+within-split pair among them with one matrix product, finds the nearest neighbours of at most
+`review_anchors` training faces in that index (one more matrix product), and reads the labelled pairs and
+live leases touching those faces. `selection` then picks the page; the picked pairs are leased with an
+insert that skips pairs a concurrent reviewer leased first (the unique pair in `review_leases`), and those
+are replaced from the remaining candidates.
 """
 
 from __future__ import annotations
@@ -199,11 +199,13 @@ def _candidates(
     info = _face_info(session, sample)
     sample = [face for face in sample if face in info]
     anchors = [face for face in sample if info[face].split == FaceSplit.TRAIN][: settings.review_anchors]
-    neighbour_pairs: list[tuple[uuid.UUID, uuid.UUID, float]] = []
-    for anchor in anchors:
-        query = index.vector(anchor)
-        for other, score in index.search(query, settings.review_neighbours, exclude=[anchor]):
-            neighbour_pairs.append((anchor, other, score))
+    neighbour_pairs = [
+        (anchor, other, score)
+        for anchor, found in zip(
+            anchors, index.neighbours_of(anchors, settings.review_neighbours), strict=True
+        )
+        for other, score in found
+    ]
     info.update(_face_info(session, {other for _, other, _ in neighbour_pairs} - info.keys()))
 
     faces = set(info)

@@ -63,6 +63,18 @@ class Settings(BaseSettings):
     gate_min_test_different: int = Field(default=20, ge=0)
     gate_min_regression_pairs: int = Field(default=20, ge=0)
 
+    # review queue (app/review): how long a leased pair is held, page size, and the bounded work per request
+    review_lease_s: float = Field(default=900.0, gt=0)
+    review_max_limit: int = Field(default=50, ge=1, le=500)
+    review_sample_faces: int = Field(default=512, ge=2, le=20_000)  # random faces a request pairs up
+    review_anchors: int = Field(default=48, ge=0, le=1000)  # training faces whose neighbours are searched
+    review_neighbours: int = Field(default=8, ge=1, le=100)  # nearest neighbours per anchor
+    review_uncertain_band: float = Field(default=0.08, gt=0, le=1)  # |score - threshold| of "uncertain"
+    review_explore_share: float = Field(default=0.1, ge=0, le=1)  # training pairs drawn at random
+    review_val_share: float = Field(default=0.1, ge=0, le=1)  # steady share of val pairs on every page
+    review_evidence_max_share: float = Field(default=0.5, ge=0, le=1)  # cap on test pairs the gate needs
+    review_seed: int | None = None  # fixed: the same stored state gives the same page (tests, benches)
+
     @field_validator("split_fractions")
     @classmethod
     def _valid_fractions(cls, value: dict[str, float]) -> dict[str, float]:

@@ -62,7 +62,7 @@ class Architecture(StrEnum):
 
 
 class FaceSplit(StrEnum):
-    """Where a face's content hash puts it (app.splits), in the order the hash is cut."""
+    """A face's split: first where its content hash puts it (app.splits), in the order the hash is cut."""
 
     TRAIN = "train"
     VAL = "val"

@@ -15,6 +15,7 @@ from app.jobs.sweeper import start_background_sweeper
 from app.metrics.router import router as metrics_router
 from app.models.router import router as models_router
 from app.problems import install_problem_handlers
+from app.review.router import router as review_router
 from app.search.router import router as search_router
 from app.verify.router import router as verify_router
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         metrics_router,
         verify_router,
         search_router,
+        review_router,
     )
     for router in routers:
         app.include_router(router, prefix="/v1")

@@ -84,7 +84,9 @@ class Base(DeclarativeBase):
 
 
 class Face(Base):
-    """A stored face crop; its split is fixed by its content hash so no image is ever in two splits."""
+    """A stored face crop. Its split starts from its content hash; until the face has a label it may join
+    a pair partner's split (app/feedback/placement.py), after that it never changes. One row per image, so
+    no image is ever in two splits."""
 
     __tablename__ = "faces"
 
@@ -293,4 +295,32 @@ class Activation(Base):
     __table_args__ = (
         Index("ix_activations_created_at", "created_at"),
         Index("ix_activations_model_id", "model_id"),
+    )
+
+
+class ReviewLease(Base):
+    """A pair offered to one reviewer until `expires_at`; the unique pair keeps two reviewers apart.
+
+    Stored in canonical order (face_a < face_b) like feedback. A lease past `expires_at` is deleted by the
+    next request for pairs, which may then offer the pair again; answering or skipping deletes it at once.
+    """
+
+    __tablename__ = "review_leases"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    face_a: Mapped[uuid.UUID] = mapped_column(ForeignKey("faces.id", ondelete="CASCADE"))
+    face_b: Mapped[uuid.UUID] = mapped_column(ForeignKey("faces.id", ondelete="CASCADE"))
+    model_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    split: Mapped[FaceSplit] = mapped_column(enum_type(FaceSplit, 16))
+    reason: Mapped[str] = mapped_column(String(32))
+    score: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+    __table_args__ = (
+        UniqueConstraint("face_a", "face_b", name="uq_review_leases_pair"),
+        CheckConstraint("face_a <> face_b", name="distinct_faces"),
+        CheckConstraint(sql_in("split", FaceSplit), name="split"),
+        Index("ix_review_leases_face_b", "face_b"),
+        Index("ix_review_leases_expires_at", "expires_at"),
     )

@@ -8,11 +8,12 @@ from fastapi.responses import JSONResponse
 
 from app.deps import PageDep, SessionDep, SettingsDep
 from app.feedback import service
-from app.feedback.schemas import FeedbackBatchIn, FeedbackBatchOut, FeedbackIn, FeedbackOut
+from app.feedback.schemas import REVIEW_SOURCE, FeedbackBatchIn, FeedbackBatchOut, FeedbackIn, FeedbackOut
 from app.idempotency import REPLAYED_HEADER, Answer, IdempotencyKey, run_idempotently
 from app.observability import record_feedback_ingested
 from app.pagination import PAGE_RESPONSES, Page
 from app.problems import problem_doc
+from app.review.service import claim_lease
 from app.schemas import stored_text
 
 router = APIRouter(prefix="/feedback", tags=["feedback"])
@@ -31,17 +32,26 @@ def _respond(answer: Answer, location: str | None = None) -> JSONResponse:
     response_model=FeedbackOut,
     responses={
         200: {"model": FeedbackOut, "description": "The pair was recorded before with the same label"},
-        409: problem_doc("The pair has another label (conflicting-label), or the Idempotency-Key was reused"),
+        409: problem_doc(
+            "The pair has another label (conflicting-label), the Idempotency-Key was reused, or `lease_id` "
+            "names no live lease (unknown-lease, lease-expired) or one holding another pair (lease-mismatch)"
+        ),
         422: problem_doc("Invalid body, unknown face, or a face paired with itself (same-face)"),
     },
 )
 def create_feedback(
-    item: FeedbackIn, session: SessionDep, idempotency_key: IdempotencyKey = None
+    item: FeedbackIn, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None
 ) -> Response:
     """Record one judgement on a pair of faces; (a, b) and (b, a) are the same pair."""
 
     def act() -> tuple[int, dict]:
-        stored, created = service.record_feedback(session=session, item=item)
+        recorded = item
+        if item.lease_id is not None:
+            claim_lease(session=session, lease_id=item.lease_id, face_x=item.face_a, face_y=item.face_b)
+            recorded = item.model_copy(update={"source": REVIEW_SOURCE})
+        stored, created = service.record_feedback(
+            session=session, item=recorded, fractions=settings.split_fractions
+        )
         return (201 if created else 200), FeedbackOut.model_validate(stored).model_dump(mode="json")
 
     payload = item.model_dump(mode="json")
@@ -67,7 +77,10 @@ def create_feedback_batch(
 
     def act() -> tuple[int, dict]:
         outcome = service.record_feedback_batch(
-            session=session, items=batch.items, max_items=settings.max_feedback_batch
+            session=session,
+            items=batch.items,
+            max_items=settings.max_feedback_batch,
+            fractions=settings.split_fractions,
         )
         created_by_label.update(outcome.created_by_label)
         return 200, outcome.body

@@ -3,10 +3,12 @@
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from app.domain import FeedbackSplit
 from app.schemas import UtcDatetime, stored_text
+
+REVIEW_SOURCE = "review"
 
 Label = Annotated[
     StrictInt,
@@ -30,6 +32,20 @@ class FeedbackIn(BaseModel):
         "otherwise the pair takes its faces' common split (train, val, test) or, when they differ, "
         '"cross", which is used for neither training nor evaluation',
     )
+    lease_id: uuid.UUID | None = Field(
+        default=None,
+        description="the review lease this answers (POST /v1/review/leases): the pair must be the one it "
+        'holds; the answer is recorded with source "review" and the lease is released',
+    )
+
+    @model_validator(mode="after")
+    def _lease_answers_are_reviews(self) -> "FeedbackIn":
+        if self.lease_id is not None:
+            if self.source not in (None, REVIEW_SOURCE):
+                raise ValueError(f'an answer to a lease is recorded with source "{REVIEW_SOURCE}"')
+            if self.split is not None:
+                raise ValueError("an answer to a lease takes the split of its faces, not the regression set")
+        return self
 
 
 class FeedbackOut(BaseModel):
@@ -65,6 +81,7 @@ class ItemResult(BaseModel):
     index: int
     status: Literal["created", "existing", "error"]
     id: uuid.UUID | None = None
+    split: FeedbackSplit | None = Field(default=None, description="The stored pair's split")
     error: ItemError | None = None
 
 

@@ -3,7 +3,8 @@
 A pair is stored once, as (face_a, face_b) with face_a < face_b, so (a, b) and (b, a) are the same pair.
 Its split follows its faces: "regression" when posted so; the faces' common split when they share one;
 otherwise "cross", a pair across splits that is used for neither training nor evaluation (training on it
-would let a test face leak into training through its partner).
+would let a test face leak into training through its partner). Before that, a face without labels joins its
+partner's split (`placement`), so fewer labels are wasted.
 
 Ingestion works on whole batches: one query for the faces, one INSERT ... ON CONFLICT DO NOTHING RETURNING id
 (PostgreSQL: the columns as arrays through unnest; SQLite: multi-row VALUES), and one read of the pairs that
@@ -11,7 +12,7 @@ already existed, so a 10,000-pair batch is a handful of statements whatever its 
 """
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -23,9 +24,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.domain import FeedbackSplit
+from app.feedback import placement
 from app.feedback.schemas import FeedbackIn
 from app.pagination import PageParams, fetch_page
 from app.problems import PROBLEM_TYPE_BASE, Problem, not_found
+from app.splits import DEFAULT_SPLIT_FRACTIONS
 from app.tables import Face, FeedbackPair, utcnow
 
 REGRESSION_SPLIT = FeedbackSplit.REGRESSION
@@ -93,10 +96,12 @@ def pair_split(requested: str | None, split_a: str, split_b: str) -> str:
     return split_a if split_a == split_b else CROSS_SPLIT
 
 
-def record_feedback(*, session: Session, item: FeedbackIn) -> tuple[FeedbackPair, bool]:
+def record_feedback(
+    *, session: Session, item: FeedbackIn, fractions: Mapping[str, float] = DEFAULT_SPLIT_FRACTIONS
+) -> tuple[FeedbackPair, bool]:
     """Record one pair (not committed): the stored pair and whether it is new; a refusal is raised."""
     now = utcnow()
-    (outcome,) = ingest_feedback(session=session, items=[item], now=now)
+    (outcome,) = ingest_feedback(session=session, items=[item], now=now, fractions=fractions)
     if isinstance(outcome, Problem):
         raise outcome
     if outcome.created:  # every value is known: no need to read the row back
@@ -126,7 +131,13 @@ class BatchOutcome:
     created_by_label: dict[int, int]
 
 
-def record_feedback_batch(*, session: Session, items: Sequence[Any], max_items: int) -> BatchOutcome:
+def record_feedback_batch(
+    *,
+    session: Session,
+    items: Sequence[Any],
+    max_items: int,
+    fractions: Mapping[str, float] = DEFAULT_SPLIT_FRACTIONS,
+) -> BatchOutcome:
     """Record every good item of a batch (not committed) and report each bad one; over `max_items`, none."""
     if len(items) > max_items:
         raise Problem(
@@ -136,7 +147,8 @@ def record_feedback_batch(*, session: Session, items: Sequence[Any], max_items: 
             f"{len(items)} items, over the limit of {max_items} per batch; nothing was stored",
             max_items=max_items,
         )
-    outcomes = ingest_feedback(session=session, items=_parse_items(items))
+    parsed = [_no_lease(item) for item in _parse_items(items)]
+    outcomes = ingest_feedback(session=session, items=parsed, fractions=fractions)
     results: list[dict[str, Any]] = []
     counts = {"created": 0, "existing": 0, "error": 0}
     created_by_label = {0: 0, 1: 0}
@@ -146,7 +158,9 @@ def record_feedback_batch(*, session: Session, items: Sequence[Any], max_items: 
             counts["error"] += 1
         else:
             status = "created" if outcome.created else "existing"
-            results.append({"index": index, "status": status, "id": str(outcome.pair.id)})
+            results.append(
+                {"index": index, "status": status, "id": str(outcome.pair.id), "split": outcome.pair.split}
+            )
             counts[status] += 1
             if outcome.created:
                 created_by_label[outcome.pair.label] += 1
@@ -160,7 +174,11 @@ def record_feedback_batch(*, session: Session, items: Sequence[Any], max_items: 
 
 
 def ingest_feedback(
-    *, session: Session, items: Sequence[FeedbackIn | Problem], now: datetime | None = None
+    *,
+    session: Session,
+    items: Sequence[FeedbackIn | Problem],
+    now: datetime | None = None,
+    fractions: Mapping[str, float] = DEFAULT_SPLIT_FRACTIONS,
 ) -> list[Recorded | Problem]:
     """The outcome of each item, in order: its stored pair (new or existing) or why it was refused.
 
@@ -171,19 +189,33 @@ def ingest_feedback(
         item if isinstance(item, Problem) else None for item in items
     ]
     valid = [(index, item) for index, item in enumerate(items) if isinstance(item, FeedbackIn)]
-    splits = _face_splits(session, {face for _, item in valid for face in (item.face_a, item.face_b)})
+    named = {face for _, item in valid for face in (item.face_a, item.face_b)}
+    splits = _face_splits(session, named)
+    labelled = placement.labelled_faces(session, (face for face in named if face.int in splits))
+    shares = placement.Shares({}, fractions)
+    if any(face.int in splits and face.int not in labelled for face in named):
+        # A first label may move a face: decide on what is committed once no one else can move it.
+        placement.lock_placement(session)
+        splits = _face_splits(session, named)
+        labelled = placement.labelled_faces(session, (face for face in named if face.int in splits))
+        shares = placement.labelled_shares(session, fractions)
 
     now = now or utcnow()
     new_rows: dict[_PairKey, dict[str, Any]] = {}
     keyed: list[tuple[int, FeedbackIn, _PairKey]] = []
+    moves: dict[int, str] = {}
     for index, item in valid:
         a, b = item.face_a.int, item.face_b.int
-        split_a, split_b = splits.get(a), splits.get(b)
         if a == b:
             outcomes[index] = Problem(422, "same-face", "Same face", "a face cannot be paired with itself")
-        elif split_a is None or split_b is None:
+        elif a not in splits or b not in splits:
             outcomes[index] = _unknown_faces(item, splits)
         else:
+            if item.split == REGRESSION_SPLIT:
+                placement.mark_labelled((a, b), splits, labelled, shares)
+            elif (moved := placement.place(a, b, splits, labelled, shares)) is not None:
+                moves[moved] = splits[moved]
+            split_a, split_b = splits[a], splits[b]
             key, low, high = (
                 ((a, b), item.face_a, item.face_b) if a < b else ((b, a), item.face_b, item.face_a)
             )
@@ -200,6 +232,7 @@ def ingest_feedback(
                     "created_at": now,
                 }
 
+    placement.store_moves(session, moves)
     try:
         inserted = {pair_id.int for pair_id in _insert_new_pairs(session, list(new_rows.values()))}
     except IntegrityError as exc:
@@ -259,6 +292,19 @@ def _parse_items(items: Sequence[Any]) -> list[FeedbackIn | Problem]:
         return list(_ITEMS.validate_python(items))
     except ValidationError:
         return [_parse_item(raw) for raw in items]
+
+
+def _no_lease(item: FeedbackIn | Problem) -> FeedbackIn | Problem:
+    """Leases are answered one by one (POST /v1/feedback), where the lease is checked and released."""
+    if isinstance(item, FeedbackIn) and item.lease_id is not None:
+        return Problem(
+            422,
+            "lease-in-batch",
+            "Lease in a batch",
+            "answer a review lease with POST /v1/feedback, one pair at a time",
+            errors=[{"loc": ["lease_id"], "msg": "not accepted in a batch", "type": "lease_in_batch"}],
+        )
+    return item
 
 
 def _parse_item(raw: Any) -> FeedbackIn | Problem:

@@ -298,6 +298,43 @@ class EmbeddingIndex:
         ids = self._n * (8 + 56 + 100)  # list slot, UUID object with its int, dict entry
         return buffers + ids + (self._codes.nbytes if self._codes is not None else 0)
 
+    def ids(self) -> list[uuid.UUID]:
+        """A copy of every id held, in row order (the review queue samples faces from it)."""
+        self._lock.acquire_read()
+        try:
+            return list(self._ids)
+        finally:
+            self._lock.release_read()
+
+    def neighbours_of(self, face_ids: Sequence[IdLike], k: int) -> list[list[tuple[uuid.UUID, float]]]:
+        """For each stored face, its k nearest other faces (exact float32 scores, best first).
+
+        One matrix product for all of them: many queries at once cost about one float32 scan of the rows
+        (48 faces over 100k x 512 took 0.2 s where 48 single searches took 3.4 s on a busy 2-core machine).
+        A face not in the index gets an empty list.
+        """
+        if k <= 0:
+            return [[] for _ in face_ids]
+        self._lock.acquire_read()
+        try:
+            n = self._n
+            rows = [self._rows.get(as_uuid(face_id), -1) for face_id in face_ids]
+            present = [row for row in rows if row >= 0]
+            found: dict[int, list[tuple[uuid.UUID, float]]] = {}
+            if present and n > 1:
+                scores = self._vectors[present] @ self._vectors[:n].T
+                scores[np.arange(len(present)), present] = -np.inf
+                want = min(k, n - 1)
+                top = np.argpartition(-scores, want - 1, axis=1)[:, :want]
+                for i, row in enumerate(present):
+                    ranked = sorted(
+                        ((float(scores[i, j]), int(j)) for j in top[i]), key=lambda item: (-item[0], item[1])
+                    )
+                    found[row] = [(self._ids[j], score) for score, j in ranked]
+            return [found.get(row, []) if row >= 0 else [] for row in rows]
+        finally:
+            self._lock.release_read()
+
     def vector(self, face_id: IdLike) -> np.ndarray:
         """A copy of the stored vector (KeyError when absent)."""
         key = as_uuid(face_id)

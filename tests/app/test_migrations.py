@@ -33,6 +33,7 @@ CHECK_CONSTRAINTS = {
     "jobs": {"ck_jobs_status", "ck_jobs_kind"},
     "models": {"ck_models_status", "ck_models_arch"},
     "evaluations": {"ck_evaluations_split"},
+    "review_leases": {"ck_review_leases_distinct_faces", "ck_review_leases_split"},
 }
 BEFORE_NAMED_CONSTRAINTS = "2026_11_28_0001"
 
@@ -72,9 +73,11 @@ def check_constraints(url: str) -> dict[str, set[str]]:
     try:
         with engine.connect() as connection:
             inspector = inspect(connection)
+            present = set(inspector.get_table_names())
             return {
                 table: {check["name"] for check in inspector.get_check_constraints(table)}
                 for table in CHECK_CONSTRAINTS
+                if table in present
             }
     finally:
         engine.dispose()

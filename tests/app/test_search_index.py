@@ -404,3 +404,21 @@ def test_concurrent_searches_never_see_a_partial_row(quantize):
         t.join(timeout=60)
     assert not errors, errors[0]
     assert len(index) == 400 + 30 * 10
+
+
+def test_neighbours_of_many_faces_match_brute_force_without_the_face_itself():
+    index, x, ids, *_ = build(n=1500, d=32)
+    asked = [ids[3], ids[700], uuid.uuid4(), ids[1499]]
+
+    found = index.neighbours_of(asked, 7)
+
+    assert found[2] == []  # not in the index
+    for face_id, got in zip(asked, found, strict=True):
+        if face_id not in index:
+            continue
+        row = ids.index(face_id)
+        keep = np.ones(len(ids), bool)
+        keep[row] = False
+        expected, scores = brute(x, ids, x[row], 7, keep)
+        assert_same(got, expected, dict(zip(ids, scores.tolist(), strict=True)))
+    assert index.neighbours_of(asked, 0) == [[], [], [], []]

@@ -7,6 +7,7 @@ face), fine-tuned, judged against its parent and, when it passes the gate, promo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -189,7 +190,15 @@ def seed_over_http(http: httpx.Client, johns_dir: Path) -> Seeded:
     faces = upload_faces(http, johns_dir)
     seeded = Seeded(faces, choose_regression_faces(faces), read_pairs(johns_dir))
     post_feedback(http, seeded)
-    return seeded
+    return refresh_splits(http, seeded)
+
+
+def refresh_splits(http: httpx.Client, seeded: Seeded) -> Seeded:
+    """The faces as stored now: a face without labels may have joined its first partner's split."""
+    listed = {face["id"]: face for face in ok(http.get("/v1/faces", params={"limit": 100}), 200)["items"]}
+    assert len(listed) < 100
+    faces = {image: listed[face["id"]] for image, face in seeded.faces.items()}
+    return dataclasses.replace(seeded, faces=faces)
 
 
 # Seeding with `magtune import`, as an operator with the seed's feedback files does.
@@ -250,18 +259,27 @@ def seed_with_import_command(http: httpx.Client, johns_dir: Path, workdir: Path)
 
     stored: set[str] = set()
     seen: set[FacePair] = set()
+    crossing: dict[str, int] = {}
     for name, subset, extra in (("regression", in_regression, ("--regression",)), ("feedback", rest, ())):
         printed = _import(
             _write_pairs(workdir / f"{name}.json", johns_dir, subset), str(http.base_url), *extra
         )
         expected = _expected_import(plan, subset, stored, seen)
+        crossing[name] = printed["pairs"].pop("cross")
         assert (printed["faces"], printed["pairs"]) == (expected["faces"], expected["pairs"]), name
 
     listed = {face["sha256"]: face for face in ok(http.get("/v1/faces", params={"limit": 100}), 200)["items"]}
     assert set(listed) == set(shas.values())
     faces = {image: listed[sha] for image, sha in shas.items()}
     regression = {listed[sha]["id"] for sha in plan.regression_faces}
-    return Seeded(faces, regression, pairs)
+    seeded = Seeded(faces, regression, pairs)
+    # every pair of the file the api answered for, duplicates included, with the faces' final splits
+    answered = [pair for pair in rest if seeded.face_pair(pair) is not None]
+    assert crossing == {
+        "regression": 0,
+        "feedback": sum(seeded.split_of(pair) == "cross" for pair in answered),
+    }
+    return seeded
 
 
 # Models and jobs.

@@ -147,10 +147,18 @@ def test_import_skips_the_pairs_of_a_refused_image(migrated_database: str, tmp_p
         api.wait_for_http(f"http://127.0.0.1:{port}/healthz")
         feedback = _write(tmp_path / "pairs.json", rows)
         done = _magtune("import", str(feedback), "--api", f"http://127.0.0.1:{port}", "--json", cwd=tmp_path)
+        stored = httpx.get(f"http://127.0.0.1:{port}/v1/feedback", params={"split": "cross"}).json()
     assert done.returncode == 1, "something was refused"
     result = json.loads(done.stdout)
     assert result["faces"] == {"created": 3, "existing": 0, "rejected": 1}
-    assert result["pairs"] == {"created": 2, "existing": 0, "rejected": 0, "same_face": 0, "bad_image": 1}
+    assert result["pairs"] == {
+        "created": 2,
+        "existing": 0,
+        "rejected": 0,
+        "cross": len(stored["items"]),
+        "same_face": 0,
+        "bad_image": 1,
+    }
     assert [line.split(":")[0] for line in result["rejections"]] == [
         f"image {(tmp_path / 'broken.png').resolve()}"
     ]

@@ -58,9 +58,12 @@ def post_pairs(
 ) -> tuple[dict[str, int], list[str]]:
     """Batches of `chunk_size`; the api answers for each item, so one bad pair never sinks the rest.
 
+    `cross` counts the stored pairs (created or existing) whose faces ended in different splits: labels that
+    neither train nor evaluate.
+
     `rows` gives each item's row number in the input file, to name rejected pairs the way the user sees them.
     """
-    counts = {"created": 0, "existing": 0, "rejected": 0}
+    counts = {"created": 0, "existing": 0, "rejected": 0, "cross": 0}
     rejections: list[str] = []
     for start in range(0, len(items), chunk_size):
         _status, reply = client.post_json("/v1/feedback/batch", {"items": items[start : start + chunk_size]})
@@ -68,6 +71,8 @@ def post_pairs(
         counts["existing"] += reply["existing"]
         counts["rejected"] += reply["failed"]
         for outcome in reply["results"]:
+            if outcome.get("split") == FeedbackSplit.CROSS:
+                counts["cross"] += 1
             if outcome["status"] == "error":
                 error = outcome.get("error") or {}
                 what = " ".join(str(error[key]) for key in ("title", "detail") if error.get(key))

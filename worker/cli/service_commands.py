@@ -278,6 +278,7 @@ def _render_import(result: dict[str, Any]) -> str:
         f"{pairs['existing']} already recorded, {pairs['rejected']} refused, "
         f"{pairs['same_face']} skipped (both images are one face), "
         f"{pairs['bad_image']} skipped (an image was refused)",
+        f"pairs across splits (used neither to train nor to evaluate): {pairs['cross']}",
     ]
     lines += [f"  {problem}" for problem in result["rejections"]]
     return "\n".join(lines)

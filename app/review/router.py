@@ -1,0 +1,37 @@
+"""`/v1/review`: pairs worth a reviewer's time, each leased to one reviewer; answer with POST /v1/feedback."""
+
+import uuid
+
+from fastapi import APIRouter, Response
+
+from app.deps import SessionDep, SettingsDep
+from app.problems import problem_doc
+from app.review import service
+from app.review.schemas import LeaseRequest, ReviewPage
+
+router = APIRouter(prefix="/review", tags=["review"])
+
+
+@router.post(
+    "/leases",
+    response_model=ReviewPage,
+    responses={
+        409: problem_doc("No model serves yet (no-serving-model)"),
+        422: problem_doc("limit outside 1..MAGTUNE_REVIEW_MAX_LIMIT (invalid-limit), or an unknown field"),
+    },
+)
+def lease_pairs(session: SessionDep, settings: SettingsDep, body: LeaseRequest | None = None) -> ReviewPage:
+    """Up to `limit` pairs to judge, each leased to the caller until `expires_at`: answer one with
+    POST /v1/feedback and its `lease_id`, or skip it with DELETE /v1/review/leases/{lease_id}. Fewer pairs
+    come back when fewer are eligible."""
+    limit = (body or LeaseRequest()).limit
+    if limit is None:
+        limit = min(service.DEFAULT_LIMIT, settings.review_max_limit)
+    return service.lease_pairs(session=session, settings=settings, limit=limit)
+
+
+@router.delete("/leases/{lease_id}", status_code=204, responses={404: problem_doc("No such lease")})
+def skip_pair(lease_id: uuid.UUID, session: SessionDep) -> Response:
+    """Skip a leased pair: the lease is released and the pair may be offered again."""
+    service.release_lease(session=session, lease_id=lease_id)
+    return Response(status_code=204)

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     gate_min_test_same: int = Field(default=20, ge=0)
     gate_min_test_different: int = Field(default=20, ge=0)
     gate_min_regression_pairs: int = Field(default=20, ge=0)
+    # promotion gate: the lower end of the 95% bootstrap interval of the test AUC difference (candidate −
+    # parent, resampling faces) must be at least −this; the resamples and their seed
+    gate_auc_tolerance: float = Field(default=0.002, ge=0, le=1)
+    gate_bootstrap_samples: int = Field(default=1000, ge=100, le=100_000)
+    gate_bootstrap_seed: int = Field(default=0, ge=0)
 
     @field_validator("split_fractions")
     @classmethod

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.domain import EvaluationSplit
 from app.tables import Evaluation, ModelVersion
+from worker.jobs.comparison import bootstrap_config
 from worker.jobs.data import (
     FeedbackRow,
     decode_faces,
@@ -122,6 +123,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             model.under_test(threshold, source or "model"),
             pairs,
             device=device,
+            bootstrap=bootstrap_config(ctx.settings),
         )
         metrics = comparison["candidate"]
     with ctx.session() as session:
@@ -146,6 +148,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 "threshold": baseline.threshold,
                 "metrics": comparison["baseline"],
                 "deltas": comparison["deltas"],
+                "intervals": comparison["intervals"],
             }
     if calibrate:
         outcome = "stored" if result["calibration"]["stored"] else "not stored: the model has one already"

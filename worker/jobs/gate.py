@@ -103,7 +103,7 @@ def _figures(metrics: dict[str, Any]) -> dict[str, float | None]:
     eer = metrics.get("eer")
     if isinstance(eer, dict):
         eer = eer.get("eer")
-    return {"roc_auc": metrics.get("roc_auc"), "eer": eer, "tar_at_far_1e-2": _tar(metrics)[0]}
+    return {"roc_auc": metrics.get("roc_auc"), "eer": eer, "tar_at_far_1e_2": _tar(metrics)[0]}
 
 
 def _summary(parent: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:

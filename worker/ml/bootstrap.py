@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-FIGURES: tuple[str, ...] = ("roc_auc", "eer", "tar_at_far_1e-2")
+FIGURES: tuple[str, ...] = ("roc_auc", "eer", "tar_at_far_1e_2")
 TAR_FAR = 1e-2
 BLOCK_ELEMENTS = 4_000_000  # replicate × pair cells per block: bounds memory to tens of MB
 
@@ -66,7 +66,7 @@ def _weighted_figures(scores: np.ndarray, labels: np.ndarray, weights: np.ndarra
     return {
         "roc_auc": np.where(defined, auc, nan),
         "eer": np.where(defined, eer, nan),
-        "tar_at_far_1e-2": np.where(defined, tar_at_far, nan),
+        "tar_at_far_1e_2": np.where(defined, tar_at_far, nan),
     }
 
 

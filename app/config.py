@@ -3,10 +3,12 @@
 import hashlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.jobs.params import FinetuneParams
 from app.splits import DEFAULT_SPLIT_FRACTIONS, validate_split_fractions
 
 
@@ -62,6 +64,25 @@ class Settings(BaseSettings):
     gate_min_test_same: int = Field(default=20, ge=0)
     gate_min_test_different: int = Field(default=20, ge=0)
     gate_min_regression_pairs: int = Field(default=20, ge=0)
+    # promotion gate: the lower end of the 95% bootstrap interval of the test AUC difference (candidate −
+    # parent, resampling faces) must be at least −this; the resamples and their seed
+    gate_auc_tolerance: float = Field(default=0.002, ge=0, le=1)
+    gate_bootstrap_samples: int = Field(default=1000, ge=100, le=100_000)
+    gate_bootstrap_seed: int = Field(default=0, ge=0)
+
+    # auto fine-tune policy (app/jobs/auto_finetune.py): once this many new usable training labels arrived
+    # since the last fine-tune job was created, and none is queued or running, the sweeper queues one with
+    # these params (the active model as base); 0 turns it off
+    auto_finetune_after_labels: int = Field(default=0, ge=0)
+    auto_finetune_params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("auto_finetune_params")
+    @classmethod
+    def _valid_finetune_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "base_model" in value:
+            raise ValueError("base_model is the active model when the policy queues a fine-tune")
+        FinetuneParams.model_validate(value)
+        return value
 
     # review queue (app/review): how long a leased pair is held, page size, and the bounded work per request
     review_lease_s: float = Field(default=900.0, gt=0)

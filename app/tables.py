@@ -170,6 +170,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
     # Jobs with the same key coalesce: at most one of them is queued at a time (e.g. "embed:<model id>").
     coalesce_key: Mapped[str | None] = mapped_column(String(128))
+    # Why the service queued this job by itself (the auto fine-tune policy: its settings, reason and label
+    # counts); null for a job a client or another job asked for.
+    trigger: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
 
     __table_args__ = (
         CheckConstraint(sql_in("status", JobStatus), name="status"),

@@ -48,6 +48,9 @@ class JobOut(BaseModel):
     max_attempts: int
     cancel_requested: bool
     parent_job_id: uuid.UUID | None
+    trigger: dict[str, Any] | None = Field(
+        None, description="why the service queued this job by itself (the auto fine-tune policy); else null"
+    )
     created_at: UtcDatetime
     enqueued_at: UtcDatetime | None
     started_at: UtcDatetime | None

@@ -77,6 +77,47 @@ class FinetuneSummary(BaseModel):
     promoted: bool | None
 
 
+class Interval(BaseModel):
+    """A difference candidate − parent on the pairs as they are, and its bootstrap percentile interval."""
+
+    estimate: float | None = Field(description="null when the figure is undefined (a class is missing)")
+    low: float | None
+    high: float | None
+
+
+class ComparisonIntervals(BaseModel):
+    """The paired bootstrap of one set (test or regression), resampling faces (worker/ml/bootstrap.py)."""
+
+    samples: int
+    seed: int
+    confidence: float
+    pairs: int
+    faces: int
+    valid: int = Field(description="resamples that drew both same and different pairs")
+    roc_auc: Interval
+    eer: Interval = Field(description="a negative difference favours the candidate")
+    tar_at_far_1e_2: Interval
+
+
+class GateSummary(BaseModel):
+    """The newest promotion decision: the newest fine-tune that reached the gate."""
+
+    job_id: uuid.UUID
+    decided_at: UtcDatetime | None
+    candidate_model_id: uuid.UUID | None
+    parent_model_id: uuid.UUID | None
+    promoted: bool
+    passed: bool
+    refusals: list[str] = Field(description="codes of the failed checks that have one: not-enough-evidence")
+    reasons: list[str]
+    intervals: dict[str, ComparisonIntervals | None] = Field(
+        description="per set (test, regression); null where it was not measured or could not be read"
+    )
+    evidence: dict[str, Any] | None = Field(
+        description="the pairs the gate judged on, the minimums, and the labels still needed by split"
+    )
+
+
 class DashboardMetrics(BaseModel):
     feedback: FeedbackCounts
     faces: FaceCounts
@@ -86,3 +127,6 @@ class DashboardMetrics(BaseModel):
         None, description="differs from active_model while a newly activated model is still embedding faces"
     )
     latest_finetune: FinetuneSummary | None
+    latest_gate: GateSummary | None = Field(
+        None, description="the newest gate decision with its bootstrap intervals; null before the first"
+    )

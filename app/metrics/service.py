@@ -4,6 +4,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -11,10 +12,12 @@ from app.domain import EvaluationSplit, FeedbackSplit, JobKind, JobStatus
 from app.metrics.schemas import (
     ActiveModelSummary,
     ComparedEvaluations,
+    ComparisonIntervals,
     DashboardMetrics,
     FaceCounts,
     FeedbackCounts,
     FinetuneSummary,
+    GateSummary,
     JobCounts,
     ServingModelSummary,
 )
@@ -184,6 +187,41 @@ def latest_finetune(session: Session) -> FinetuneSummary | None:
     )
 
 
+def _intervals(value: Any) -> ComparisonIntervals | None:
+    try:
+        return ComparisonIntervals.model_validate(value) if isinstance(value, dict) else None
+    except ValidationError:
+        return None  # a result written before the bootstrap, or a figure it could not compute
+
+
+def latest_gate(session: Session) -> GateSummary | None:
+    """The newest fine-tune that reached the gate (one that failed or was cancelled earlier did not)."""
+    job = session.scalars(
+        select(Job)
+        .where(Job.kind == JobKind.FINETUNE, Job.status == JobStatus.SUCCEEDED)
+        .order_by(Job.finished_at.desc(), Job.id.desc())
+        .limit(1)
+    ).first()
+    result = job.result if job is not None and isinstance(job.result, dict) else {}
+    gate = result.get("gate")
+    if job is None or not isinstance(gate, dict):
+        return None
+    intervals = gate.get("intervals") if isinstance(gate.get("intervals"), dict) else {}
+    evidence = gate.get("evidence")
+    return GateSummary(
+        job_id=job.id,
+        decided_at=job.finished_at,
+        candidate_model_id=_as_uuid(result.get("model_id")),
+        parent_model_id=_as_uuid(result.get("parent_id")),
+        promoted=bool(gate.get("promoted")),
+        passed=bool(gate.get("passed")),
+        refusals=[str(code) for code in gate.get("refusals") or []],
+        reasons=[str(reason) for reason in gate.get("reasons") or []],
+        intervals={split: _intervals(intervals.get(split)) for split in COMPARED_SPLITS},
+        evidence=evidence if isinstance(evidence, dict) else None,
+    )
+
+
 def dashboard(*, session: Session) -> DashboardMetrics:
     active_id = models_service.active_model_id(session)
     serving = serving_model_summary(session)
@@ -194,4 +232,5 @@ def dashboard(*, session: Session) -> DashboardMetrics:
         active_model=active_model_summary(session),
         serving_model=serving,
         latest_finetune=latest_finetune(session),
+        latest_gate=latest_gate(session),
     )

@@ -252,3 +252,66 @@ def test_prometheus_text_has_the_service_figures(client: TestClient, settings: S
         s.labels["label"]: s.value for s in samples["magtune_feedback_ingested"] if s.name.endswith("_total")
     }
     assert ingested["1"] >= 2
+
+
+def _bootstrap(auc: tuple[float, float, float] | None) -> dict:
+    low_high = dict(zip(("estimate", "low", "high"), auc or (None, None, None), strict=True))
+    none = {"estimate": None, "low": None, "high": None}
+    return {
+        "method": "paired percentile bootstrap, resampling faces",
+        "samples": 1000,
+        "seed": 0,
+        "confidence": 0.95,
+        "pairs": 120,
+        "faces": 40,
+        "valid": 1000 if auc else 0,
+        "roc_auc": low_high,
+        "eer": {"estimate": -0.01, "low": -0.03, "high": 0.004} if auc else none,
+        "tar_at_far_1e_2": none,
+    }
+
+
+def test_the_latest_gate_decision_shows_its_intervals_and_evidence(
+    client: TestClient, settings: Settings
+) -> None:
+    assert client.get("/v1/metrics").json()["latest_gate"] is None
+    parent, candidate = insert_model(settings), insert_model(settings)
+    evidence = {"counts": {"test_same": 5}, "needed": {"test": {"same": 15}}}
+    older = datetime.now(UTC) - timedelta(hours=1)
+    insert_job(  # an older decision, then the newest; a running fine-tune has none yet
+        settings,
+        status="succeeded",
+        finished_at=older,
+        result={"gate": {"promoted": True, "passed": True, "intervals": {"test": _bootstrap(None)}}},
+    )
+    newest = insert_job(
+        settings,
+        status="succeeded",
+        finished_at=datetime.now(UTC),
+        params={"base_model": str(parent)},
+        result={
+            "model_id": str(candidate),
+            "parent_id": str(parent),
+            "gate": {
+                "promoted": False,
+                "passed": False,
+                "refusals": ["not-enough-evidence"],
+                "reasons": ["not-enough-evidence: test needs 15 more same"],
+                "intervals": {"test": _bootstrap((0.01, -0.004, 0.03)), "regression": None},
+                "evidence": evidence,
+            },
+        },
+    )
+    insert_job(settings, status="running", params={"base_model": str(parent)})
+
+    gate = client.get("/v1/metrics").json()["latest_gate"]
+
+    assert gate["job_id"] == str(newest)
+    assert (gate["candidate_model_id"], gate["parent_model_id"]) == (str(candidate), str(parent))
+    assert (gate["promoted"], gate["passed"], gate["refusals"]) == (False, False, ["not-enough-evidence"])
+    test = gate["intervals"]["test"]
+    assert test["roc_auc"] == {"estimate": 0.01, "low": -0.004, "high": 0.03}
+    assert test["tar_at_far_1e_2"] == {"estimate": None, "low": None, "high": None}
+    assert test["valid"] == 1000 and test["faces"] == 40
+    assert gate["intervals"]["regression"] is None
+    assert gate["evidence"] == evidence

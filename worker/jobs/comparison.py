@@ -8,11 +8,18 @@ from typing import Any
 
 import torch
 
+from app.config import Settings
 from worker.jobs.data import FeedbackRow
 from worker.jobs.registry import record_evaluation
+from worker.ml.bootstrap import BootstrapConfig
 from worker.ml.evaluation import ModelUnderTest, compare_models
 from worker.ml.pairs import IndexedPairs
 from worker.runtime import JobContext
+
+
+def bootstrap_config(settings: Settings) -> BootstrapConfig:
+    """The gate's bootstrap as the settings name it (resamples, seed; 95% intervals)."""
+    return BootstrapConfig(samples=settings.gate_bootstrap_samples, seed=settings.gate_bootstrap_seed)
 
 
 def compare_on(
@@ -23,15 +30,17 @@ def compare_on(
     ids: tuple[uuid.UUID, uuid.UUID],
     pair_sets: Mapping[str, tuple[list[FeedbackRow], IndexedPairs]],
     device: torch.device | None = None,
+    bootstrap: BootstrapConfig | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """{set name: {parent: entry, candidate: entry, deltas}}; an entry is what its Evaluation row holds.
+    """{set name: {parent: entry, candidate: entry, deltas, intervals}}; an entry is what its Evaluation
+    row holds, `intervals` the paired bootstrap of the differences (None without `bootstrap`).
 
     Both models are scored on exactly the same pairs (same `pairs_sha256`), each at its own threshold.
     """
     report: dict[str, dict[str, Any]] = {}
     for name, (rows, pairs) in pair_sets.items():
-        scored = compare_models(parent, candidate, pairs, device=device)
-        entries: dict[str, Any] = {"deltas": scored["deltas"]}
+        scored = compare_models(parent, candidate, pairs, device=device, bootstrap=bootstrap)
+        entries: dict[str, Any] = {"deltas": scored["deltas"], "intervals": scored["intervals"]}
         with ctx.session() as session:
             for role, model_id, metrics in (
                 ("parent", ids[0], scored["baseline"]),

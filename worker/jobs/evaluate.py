@@ -3,7 +3,8 @@
 Each model is judged at its own threshold: the one stored with it, or, for a model that has none, one
 calibrated on the val pairs with that model; `threshold_source` in the metrics says which. Each score becomes
 an Evaluation row carrying the pairs' hash, so two evaluations on identical pairs can be told apart from
-evaluations on a set that has since grown.
+evaluations on a set that has since grown. With `compare_to`, `result.compare_to.intervals` holds the paired
+face bootstrap of the differences the promotion gate uses (worker/ml/bootstrap.py).
 
 With `calibrate` (split val only; queued when a model without a threshold is activated), the threshold
 calibrated on val is also stored with the model, unless it has one by then: an uploaded base checkpoint gets
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.domain import EvaluationSplit
 from app.tables import Evaluation, ModelVersion
+from worker.jobs.comparison import bootstrap_config
 from worker.jobs.data import (
     FeedbackRow,
     decode_faces,
@@ -122,6 +124,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             model.under_test(threshold, source or "model"),
             pairs,
             device=device,
+            bootstrap=bootstrap_config(ctx.settings),
         )
         metrics = comparison["candidate"]
     with ctx.session() as session:
@@ -146,6 +149,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 "threshold": baseline.threshold,
                 "metrics": comparison["baseline"],
                 "deltas": comparison["deltas"],
+                "intervals": comparison["intervals"],
             }
     if calibrate:
         outcome = "stored" if result["calibration"]["stored"] else "not stored: the model has one already"

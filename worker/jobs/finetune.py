@@ -22,10 +22,11 @@ from torch import nn
 
 from app.blobs import StoredBlob
 from app.domain import ModelStatus
+from app.evidence import EvidenceCounts, EvidenceMinimums, evidence_report
 from app.problems import Problem
 from app.tables import ModelVersion, utcnow
 from worker.jobs import gate
-from worker.jobs.comparison import compare_on
+from worker.jobs.comparison import bootstrap_config, compare_on
 from worker.jobs.data import (
     REGRESSION,
     FeedbackSets,
@@ -172,6 +173,24 @@ def _register(
     return LoadedModel(model_id, row.name, parent.arch, blob.sha256, result.threshold, parent.spec, backbone)
 
 
+def judged_evidence(ctx: JobContext, sets: FeedbackSets) -> dict[str, Any]:
+    """The evidence report of the pairs this job judges on, not of the feedback table now.
+
+    The gate's verdict rests on the pairs scored here: the job's snapshot of the test split less the pairs
+    naming a regression face (kept out of test), and the regression set. Counting the table instead would
+    credit pairs posted after the job loaded its feedback and test pairs it dropped, so the gate could pass
+    "enough evidence" on pairs it never scored. The review queue counts the table (app/evidence.py), which
+    may differ by those pairs; the report's `counts` say what the gate had.
+    """
+    test = label_counts(sets.pairs["test"])
+    counts = EvidenceCounts(
+        test_same=test["same"],
+        test_different=test["different"],
+        regression_pairs=len(sets.pairs[REGRESSION]),
+    )
+    return evidence_report(counts, EvidenceMinimums.from_settings(ctx.settings))
+
+
 def _promote(ctx: JobContext, candidate: LoadedModel, decision: gate.GateDecision) -> str | None:
     """Activate the candidate and return the id of the reindex job the activation queued.
 
@@ -219,14 +238,22 @@ def run(ctx: JobContext) -> dict[str, Any]:
         ids=(parent.id, candidate.id),
         pair_sets={name: (data.sets.pairs[name], data.indexed[name]) for name in judged},
         device=device,
+        bootstrap=bootstrap_config(ctx.settings),
     )
 
     ctx.progress(phase="gating", force=True)
     test = evaluations.get("test")
     regression = evaluations.get(REGRESSION)
+    evidence = judged_evidence(ctx, data.sets)
     decision = gate.decide(
         (test["parent"]["metrics"], test["candidate"]["metrics"]) if test else ({}, {}),
         (regression["parent"]["metrics"], regression["candidate"]["metrics"]) if regression else None,
+        evidence=evidence,
+        intervals={
+            name: entry["intervals"] if entry else None
+            for name, entry in (("test", test), (REGRESSION, regression))
+        },
+        test_auc_tolerance=ctx.settings.gate_auc_tolerance,
         regression_auc_tolerance=ctx.settings.regression_auc_tolerance,
         best_epoch=result.best_epoch,
     )
@@ -249,6 +276,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "threshold": result.threshold,
         "dataset_snapshot": snapshot,
         "evaluations": {"test": test, "regression": regression},
+        "evidence_report": evidence,
         "gate": decision.to_dict(),
         "reindex_job_id": reindex_job_id,
     }

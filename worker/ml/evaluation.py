@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from worker.ml.bootstrap import BootstrapConfig, paired_bootstrap
 from worker.ml.embedding import embed_pixels
 from worker.ml.metrics import pair_metrics
 from worker.ml.pairs import IndexedPairs
@@ -63,23 +64,35 @@ def compare_models(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
+    bootstrap: BootstrapConfig | None = None,
 ) -> dict[str, Any]:
     """Both models on the same pairs, each at its own threshold, and candidate − baseline deltas.
 
     Deltas are None where either side is undefined. Positive `roc_auc` and `accuracy` deltas and a negative
-    `eer` delta mean the candidate is better.
+    `eer` delta mean the candidate is better. With `bootstrap`, `intervals` holds the paired bootstrap of
+    the differences, resampling the pairs' faces (worker.ml.bootstrap); else it is None.
     """
-    results = {}
+    results, scores = {}, {}
     for role, entry in (("baseline", baseline), ("candidate", candidate)):
-        scores = score_pairs(entry.model, entry.spec, pairs, batch_size=batch_size, device=device)
-        results[role] = _metrics(scores, pairs, entry.threshold, entry.threshold_source)
+        scores[role] = score_pairs(entry.model, entry.spec, pairs, batch_size=batch_size, device=device)
+        results[role] = _metrics(scores[role], pairs, entry.threshold, entry.threshold_source)
     base, cand = results["baseline"], results["candidate"]
     deltas = {
         "roc_auc": _delta(cand["roc_auc"], base["roc_auc"]),
         "eer": _delta(cand["eer"], base["eer"]),
         "accuracy": _delta(cand["at_threshold"]["accuracy"], base["at_threshold"]["accuracy"]),
     }
-    return {"baseline": base, "candidate": cand, "deltas": deltas}
+    intervals = None
+    if bootstrap is not None:
+        intervals = paired_bootstrap(
+            scores["baseline"],
+            scores["candidate"],
+            pairs.labels.numpy(),
+            pairs.first.numpy(),
+            pairs.second.numpy(),
+            bootstrap,
+        )
+    return {"baseline": base, "candidate": cand, "deltas": deltas, "intervals": intervals}
 
 
 def _metrics(

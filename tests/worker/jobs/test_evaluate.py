@@ -38,6 +38,13 @@ def test_evaluate_scores_a_split_and_compares_two_models_on_the_same_pairs(
     assert result["compare_to"]["threshold"] == 0.4
     assert result["metrics"]["roc_auc"] is not None
     assert result["compare_to"]["deltas"]["roc_auc"] == pytest.approx(0.0)  # same weights, same ranking
+    intervals = result["compare_to"]["intervals"]  # the paired face bootstrap of the differences
+    assert intervals["samples"] == settings.gate_bootstrap_samples and intervals["pairs"] == test_pairs
+    assert 0 < intervals["valid"] <= intervals["samples"]
+    # the same scores: every resample's difference is 0 (an interval needs half the resamples to be valid)
+    expected = (0.0, 0.0) if 2 * intervals["valid"] >= intervals["samples"] else (None, None)
+    for figure in ("roc_auc", "eer"):
+        assert (intervals[figure]["low"], intervals[figure]["high"]) == expected, figure
 
 
 def test_calibrate_stores_the_val_threshold_on_a_model_without_one_and_never_overwrites(

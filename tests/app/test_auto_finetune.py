@@ -88,11 +88,14 @@ def test_one_fine_tune_is_queued_once_enough_training_labels_arrived(
     # not training labels: test pairs, a pair across splits, and a train pair naming a regression face
     regression_face = insert_face(settings, split="train")
     other = insert_face(settings, split="train")
-    _post_concurrently(clients, [(test[0], test[1], 1), (test[0], test[2], 0), (train[0], test[0], 0)])
+    _post_concurrently(clients, [(test[0], test[1], 1), (test[0], test[2], 0)])
     body = {"face_a": str(regression_face), "face_b": str(other), "label": 0, "split": "regression"}
     assert clients[0].post("/v1/feedback", json=body).status_code == 201
     counted = take(AFTER - 1)
     _post_concurrently(clients, [(regression_face, train[0], 0), *counted])
+    # Both faces hold labels by now, so neither may move into the other's split: the pair stays across.
+    across = {"face_a": str(train[0]), "face_b": str(test[0]), "label": 0}
+    assert clients[1].post("/v1/feedback", json=across).json()["split"] == "cross"
     assert _sweep_concurrently(settings) == [] and _finetunes(settings) == [], "one label short: nothing"
 
     counted += take(1)

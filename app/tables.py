@@ -210,7 +210,10 @@ class ModelVersion(Base):
         CheckConstraint(sql_in("status", ModelStatus), name="status"),
         CheckConstraint(sql_in("arch", Architecture), name="arch"),
         Index("ix_models_created_at_id", "created_at", "id"),
-        Index("ix_models_sha256", "sha256"),
+        # One row per bytes and architecture (the api returns the existing one), and at most one model per
+        # job that made it, so a retried fine-tune cannot register its child twice.
+        Index("uq_models_sha256_arch", "sha256", "arch", unique=True),
+        Index("uq_models_created_by_job_id", "created_by_job_id", unique=True),
     )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
@@ -260,6 +261,14 @@ def register_model(
             params=ValidateModelParams(model=model.id),
         )
         session.commit()
+    except IntegrityError:
+        # The same bytes under the same arch, registered concurrently (uq_models_sha256_arch; SQLite has no
+        # advisory lock): answer that registration, as for a re-upload.
+        session.rollback()
+        existing = _registered(session, sha, arch)
+        if existing is None:
+            raise
+        return Registration(existing, created=False, validation_job=None)
     except BaseException:
         session.rollback()
         if not blob_was_there and not _sha_in_use(session, sha):

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     max_checkpoint_bytes: int = 2 * 1024 * 1024 * 1024
     max_feedback_batch: int = 10_000
+    # Request bodies other than the two uploads, refused with 413 before they are read whole or parsed
+    # (app/body_limit.py): the feedback batch (10,000 pairs with long labels fit) and every other route.
+    max_batch_body_bytes: int = 8 * 1024 * 1024
+    max_json_body_bytes: int = 64 * 1024
 
     # splits of faces into train/val/test, from each face's content hash
     split_fractions: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS))

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app import docs, health, observability
+from app.body_limit import BodyLimitMiddleware
 from app.config import Settings, get_settings
 from app.faces.router import router as faces_router
 from app.feedback.router import router as feedback_router
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     )
     app.state.settings = settings
     install_problem_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)  # inside the metrics: its 413s are counted
     observability.install(app)
     routers = (
         faces_router,

@@ -11,6 +11,7 @@ from app.blobs import BlobStore
 from app.config import Settings
 from app.deps import PageDep, SessionDep, SettingsDep
 from app.faces import service
+from app.faces.images import DecodeLimits
 from app.faces.schemas import FaceOut
 from app.pagination import PAGE_RESPONSES, Page
 from app.problems import problem_doc
@@ -74,6 +75,9 @@ async def upload_face(
                 split_fractions=settings.split_fractions,
                 subject=upload.fields.get("subject"),
                 source=upload.fields.get("source"),
+                decode_limits=DecodeLimits(
+                    settings.max_image_pixels, settings.max_concurrent_decodes, settings.decode_wait_s
+                ),
             )
         )
     if created:

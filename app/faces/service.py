@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.blobs import BlobStore, StagedBlob
 from app.config import Settings
 from app.embeddings import embedded_faces, serving_model_id
-from app.faces.images import inspect_image
+from app.faces.images import DecodeLimits, inspect_image
 from app.faces.schemas import FaceOut
 from app.models.serving import request_embedding
 from app.pagination import PageParams, fetch_page
@@ -34,6 +34,7 @@ def store_face(
     split_fractions: Mapping[str, float],
     subject: str | None = None,
     source: str | None = None,
+    decode_limits: DecodeLimits | None = None,
 ) -> tuple[Face, bool]:
     """Keep a received image as a face, or return the face that already has these bytes.
 
@@ -48,7 +49,7 @@ def store_face(
     if existing is not None:
         return existing, False
 
-    info = inspect_image(blob.path, max_pixels=max_pixels)
+    info = inspect_image(blob.path, max_pixels=max_pixels, limits=decode_limits)
     blob_was_there = store.exists(NAMESPACE, sha)
     blob.commit()
     face = Face(

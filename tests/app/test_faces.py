@@ -484,3 +484,27 @@ def test_a_page_of_faces_costs_the_same_queries_whatever_its_size(
         return len(executed)
 
     assert statements(2) == statements(12)
+
+
+def test_a_multipart_body_cut_before_its_closing_boundary_is_refused(
+    client: TestClient, settings: Settings, face_pngs: list[Path]
+) -> None:
+    image = face_pngs[0].read_bytes()
+    body = (
+        b'--cut\r\nContent-Disposition: form-data; name="file"; filename="face.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + image
+    )
+
+    response = client.post(
+        "/v1/faces", content=body, headers={"content-type": "multipart/form-data; boundary=cut"}
+    )
+    whole = client.post(
+        "/v1/faces",
+        content=body + b"\r\n--cut--\r\n",
+        headers={"content-type": "multipart/form-data; boundary=cut"},
+    )
+
+    problem = assert_problem(response, 400, "malformed-multipart")
+    assert "closing boundary" in problem["detail"]
+    assert whole.status_code == 201, "the same body with its closing boundary is a face"
+    assert count_rows(settings, Face) == 1

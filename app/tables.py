@@ -297,3 +297,18 @@ class Activation(Base):
         Index("ix_activations_created_at", "created_at"),
         Index("ix_activations_model_id", "model_id"),
     )
+
+
+class Erasure(Base):
+    """A stored file whose row is gone and which must not outlive it (a tombstone).
+
+    Written in the transaction that deletes the row; the file is removed right after the commit and the
+    tombstone with it. When the blob store refuses (read-only, failing), the tombstone stays and the sweeper
+    finishes the erasure, so an erase never leaves a file behind unrecorded.
+    """
+
+    __tablename__ = "erasures"
+
+    namespace: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from app.blobs import BlobStore
 from app.config import Settings
@@ -118,8 +118,17 @@ def get_face_image(face_id: uuid.UUID, session: SessionDep, settings: SettingsDe
     return FileResponse(path, media_type=media_type)
 
 
-@router.delete("/{face_id}", status_code=204, responses={404: problem_doc("No such face")})
+@router.delete(
+    "/{face_id}",
+    status_code=204,
+    responses={
+        202: {"description": "Erased but for the image file, which the sweeper removes (erasure pending)"},
+        404: problem_doc("No such face"),
+    },
+)
 def delete_face(face_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> Response:
     """Erase a face, its image, its embeddings and every feedback pair that names it."""
-    service.delete_face(session=session, store=blob_store(settings), face_id=face_id)
+    if not service.delete_face(session=session, store=blob_store(settings), face_id=face_id):
+        detail = "the face is erased; its image file could not be removed yet and will be by the sweeper"
+        return JSONResponse({"id": str(face_id), "erasure": "pending", "detail": detail}, status_code=202)
     return Response(status_code=204)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import session_scope
 from app.domain import JobStatus
+from app.erasures import finish_pending_erasures
 from app.queue import send_job
 from app.tables import Job
 
@@ -35,6 +36,8 @@ class SweepReport:
     failed: list[uuid.UUID] = field(default_factory=list)
     cancelled: list[uuid.UUID] = field(default_factory=list)
     send_failures: list[uuid.UUID] = field(default_factory=list)
+    erased: int = 0
+    erasures_pending: int = 0
 
 
 def _claim_lost_messages(session: Session, settings: Settings, now: datetime) -> list[tuple[uuid.UUID, str]]:
@@ -104,7 +107,8 @@ def _recover_lost_workers(
 
 
 def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
-    """One pass: recover jobs of dead workers, then re-send queued jobs whose message may be lost."""
+    """One pass: recover jobs of dead workers, re-send queued jobs whose message may be lost, and finish the
+    erasures of files the blob store refused to remove (app/erasures.py)."""
     now = now or datetime.now(UTC)
     report = SweepReport()
     with session_scope(settings.database_url) as session:
@@ -121,13 +125,15 @@ def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
             )
             report.send_failures.append(job_id)
             _release_send_claim(settings, job_id, now)
-    if any((report.requeued, report.failed, report.cancelled, report.resent)):
+    report.erased, report.erasures_pending = finish_pending_erasures(settings)
+    if any((report.requeued, report.failed, report.cancelled, report.resent, report.erased)):
         log.info(
-            "sweep: %d re-sent, %d requeued, %d failed (worker lost), %d cancelled",
+            "sweep: %d re-sent, %d requeued, %d failed (worker lost), %d cancelled, %d files erased",
             len(report.resent),
             len(report.requeued),
             len(report.failed),
             len(report.cancelled),
+            report.erased,
         )
     return report
 

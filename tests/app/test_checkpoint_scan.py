@@ -213,6 +213,26 @@ class TestRealCheckpoints:
         assert scan.format == "legacy"
         assert "torch._utils._rebuild_tensor_v2" in scan.globals
 
+    def test_a_fine_tuned_checkpoint_as_the_worker_writes_it_passes(self, tmp_path: Path) -> None:
+        """Downloaded from one service and uploaded to another, a fine-tune's checkpoint must pass."""
+        from app.blobs import BlobStore
+        from worker.ml.backbones import build_backbone
+        from worker.ml.checkpoints import write_checkpoint
+
+        metadata = {
+            "threshold": 0.41,
+            "history": [{"epoch": 0, "train_loss": None, "val_loss": 1.5, "val_auc": 0.9}],
+            "stopped_early": False,
+            "hyperparameters": {"epochs": 2, "freeze_stem": True},
+        }
+        with BlobStore(tmp_path).staging("checkpoints") as staged:
+            write_checkpoint(
+                staged, build_backbone("mobilefacenet"), arch="mobilefacenet", epoch=1, metadata=metadata
+            )
+            blob = staged.commit()
+
+        assert scan_checkpoint(blob.path).format == "zip"
+
     @pytest.mark.parametrize("arch", sorted(architecture_table()))
     def test_every_architecture_fits_in_a_fraction_of_the_opcode_budget(
         self, tmp_path: Path, arch: str

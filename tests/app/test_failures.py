@@ -155,3 +155,49 @@ def test_the_document_describes_every_error_as_a_problem(client: TestClient) -> 
                 assert response["content"] == {"application/problem+json": problem}, (path, status)
     assert "HTTPValidationError" not in document["components"]["schemas"]
     assert document["components"]["schemas"]["Problem"]["required"] == ["type", "title", "status"]
+
+
+def test_a_client_leaving_mid_upload_leaves_no_error_in_the_log_and_no_file(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Driven at the ASGI level: the body's first part arrives, then the disconnect."""
+    import asyncio
+
+    app = create_app(settings, run_sweeper=False)
+    head = b'--cut\r\nContent-Disposition: form-data; name="file"; filename="f.png"\r\n\r\n' + png()[:500]
+    messages = [
+        {"type": "http.request", "body": head, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/faces",
+        "raw_path": b"/v1/faces",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=cut")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+        "app": app,
+    }
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(app(scope, receive, send))
+
+    assert sent[0]["status"] == 400
+    assert [record for record in caplog.records if record.levelno >= logging.ERROR] == []
+    assert any("disconnected" in record.getMessage() for record in caplog.records)
+    faces = settings.blob_dir / "faces"
+    assert not faces.exists() or [path for path in faces.rglob("*") if path.is_file()] == []
+    assert count_rows(settings, Face) == 0

@@ -24,6 +24,19 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".incoming-"
 
 
+class StorageUnavailable(Exception):
+    """The blob store cannot be written (read-only, full, no permission): the service's fault, not the
+    client's, and nothing was kept. The api answers 503 `storage-unavailable`."""
+
+
+@contextmanager
+def _storage_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise StorageUnavailable(f"the blob store could not {action}: {exc.strerror or exc}") from exc
+
+
 class BlobTooLarge(Exception):
     """The stream ran past `max_bytes`; nothing was kept."""
 
@@ -51,7 +64,8 @@ class StagedBlob:
         self._store = store
         self._namespace = namespace
         self._max_bytes = max_bytes
-        self._file = DurableFile(store.root / namespace, prefix=_TEMP_PREFIX)
+        with _storage_errors("create a file"):
+            self._file = DurableFile(store.root / namespace, prefix=_TEMP_PREFIX)
         self.path = self._file.path
         self.committed = False
 
@@ -62,7 +76,8 @@ class StagedBlob:
     def write(self, chunk: bytes) -> int:
         if self._max_bytes is not None and self.size + len(chunk) > self._max_bytes:
             raise BlobTooLarge(self._max_bytes)
-        return self._file.write(chunk)
+        with _storage_errors("write"):
+            return self._file.write(chunk)
 
     def flush(self) -> None:
         self._file.flush()
@@ -72,7 +87,8 @@ class StagedBlob:
 
     def finish(self) -> str:
         """Flush to disk and return the content's sha256; no more writes after this."""
-        return self._file.finish()
+        with _storage_errors("write"):
+            return self._file.finish()
 
     @property
     def sha256(self) -> str:
@@ -85,7 +101,8 @@ class StagedBlob:
         if final.exists():
             self._file.discard()
         else:
-            self._file.commit(final)
+            with _storage_errors("store a file"):
+                self._file.commit(final)
         self.committed = True
         return StoredBlob(sha256=sha, size=self.size, path=final)
 

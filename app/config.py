@@ -24,8 +24,16 @@ class Settings(BaseSettings):
     # uploads
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Large non-JPEG decodes (over 4 MP) run at most this many at once (a 36 MP bitmap is ~110-150 MB);
+    # an upload that waits longer than decode_wait_s for a slot gets 503 decoder-busy with Retry-After.
+    max_concurrent_decodes: int = 2
+    decode_wait_s: float = 30.0
     max_checkpoint_bytes: int = 2 * 1024 * 1024 * 1024
     max_feedback_batch: int = 10_000
+    # Request bodies other than the two uploads, refused with 413 before they are read whole or parsed
+    # (app/body_limit.py): the feedback batch (10,000 pairs with long labels fit) and every other route.
+    max_batch_body_bytes: int = 8 * 1024 * 1024
+    max_json_body_bytes: int = 64 * 1024
 
     # splits of faces into train/val/test, from each face's content hash
     split_fractions: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS))

@@ -7,9 +7,11 @@ from kombu import Connection
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from app.blobs import NAMESPACES
 from app.config import Settings
 from app.db import get_engine
 from app.deps import SettingsDep
+from app.durable import DurableFile
 from app.problems import PROBLEM_MEDIA_TYPE, Problem
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,18 @@ def _check_database(settings: Settings) -> str | None:
         with get_engine(settings.database_url).connect() as connection:
             connection.execute(text("SELECT 1"))
     except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def _check_blob_store(settings: Settings) -> str | None:
+    """Write, sync and remove a small file where uploads are staged: the store takes files."""
+    try:
+        for namespace in NAMESPACES:
+            with DurableFile(settings.blob_dir / namespace, prefix=".ready-") as probe:
+                probe.write(b"ready")
+                probe.finish()
+    except OSError as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     return None
 
@@ -62,13 +76,11 @@ def healthz() -> dict[str, str]:
     responses={503: {"description": "A dependency is down", "content": {PROBLEM_MEDIA_TYPE: {}}}},
 )
 def readyz(settings: SettingsDep) -> dict[str, object]:
-    """Ready when the database answers `SELECT 1` and the broker accepts a connection."""
-    failures = {
-        name: error
-        for name, error in (("database", _check_database(settings)), ("broker", _check_broker(settings)))
-        if error is not None
-    }
-    checks = {name: failures.get(name, "ok") for name in ("database", "broker")}
+    """Ready when the database answers `SELECT 1`, the broker accepts a connection and the blob store takes
+    a file."""
+    probes = {"database": _check_database, "broker": _check_broker, "blob_store": _check_blob_store}
+    failures = {name: error for name, probe in probes.items() if (error := probe(settings)) is not None}
+    checks = {name: failures.get(name, "ok") for name in probes}
     if failures:
         log.warning("not ready: %s", failures)
         raise Problem(

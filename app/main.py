@@ -7,13 +7,16 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app import docs, health, observability
+from app.body_limit import BodyLimitMiddleware
 from app.config import Settings, get_settings
 from app.faces.router import router as faces_router
+from app.failures import install_failure_handlers
 from app.feedback.router import router as feedback_router
 from app.jobs.router import router as jobs_router
 from app.jobs.sweeper import start_background_sweeper
 from app.metrics.router import router as metrics_router
 from app.models.router import router as models_router
+from app.openapi_errors import document_errors
 from app.problems import install_problem_handlers
 from app.review.router import router as review_router
 from app.search.router import router as search_router
@@ -47,6 +50,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     )
     app.state.settings = settings
     install_problem_handlers(app)
+    install_failure_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)  # inside the metrics: its 413s are counted
     observability.install(app)
     routers = (
         faces_router,
@@ -61,5 +66,6 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     for router in routers:
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
+    document_errors(app)
     docs.install(app)
     return app

@@ -215,7 +215,10 @@ class ModelVersion(Base):
         CheckConstraint(sql_in("status", ModelStatus), name="status"),
         CheckConstraint(sql_in("arch", Architecture), name="arch"),
         Index("ix_models_created_at_id", "created_at", "id"),
-        Index("ix_models_sha256", "sha256"),
+        # One row per bytes and architecture (the api returns the existing one), and at most one model per
+        # job that made it, so a retried fine-tune cannot register its child twice.
+        Index("uq_models_sha256_arch", "sha256", "arch", unique=True),
+        Index("uq_models_created_by_job_id", "created_by_job_id", unique=True),
     )
 
 
@@ -327,3 +330,18 @@ class ReviewLease(Base):
         Index("ix_review_leases_face_b", "face_b"),
         Index("ix_review_leases_expires_at", "expires_at"),
     )
+
+
+class Erasure(Base):
+    """A stored file whose row is gone and which must not outlive it (a tombstone).
+
+    Written in the transaction that deletes the row; the file is removed right after the commit and the
+    tombstone with it. When the blob store refuses (read-only, failing), the tombstone stays and the sweeper
+    finishes the erasure, so an erase never leaves a file behind unrecorded.
+    """
+
+    __tablename__ = "erasures"
+
+    namespace: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -15,7 +15,7 @@ from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MultipartState, parse_options_header
 
 from app.blobs import BlobStore, BlobTooLarge, StagedBlob
 from app.problems import Problem
@@ -160,6 +160,8 @@ async def receive_upload(
                     await to_thread.run_sync(_write_all, staged, reader.pending)
                     reader.pending = []
             parser.finalize()
+            if parser.state != MultipartState.END:  # finalize() accepts a body cut before its last boundary
+                raise FormParserError("the body ends before the multipart closing boundary")
         except BlobTooLarge as exc:
             raise _too_large(max_bytes) from exc
         except FormParserError as exc:

@@ -7,9 +7,11 @@ the row cannot record (the process being killed), which Celery's late acknowledg
 
 import logging
 import os
+import signal
 import socket
 
 from celery import Task
+from celery.signals import worker_process_init
 
 from app.config import get_settings
 from app.domain import JobKind
@@ -18,6 +20,16 @@ from worker.celery_app import celery_app
 from worker.runtime import run_job
 
 log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _leave_sigterm_to_the_parent(**_kwargs: object) -> None:
+    """A job's child process ignores SIGTERM, so a SIGTERM sent to the worker's whole process group (systemd's
+    default KillMode=control-group, a process manager signalling the group) reaches only the parent, whose
+    warm shutdown lets the running job finish instead of killing it part-way and spending an attempt.
+    SIGKILL still ends the child, and so does a hard time limit (billiard follows its SIGTERM with SIGKILL);
+    a cold shutdown waits for the job."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _worker_name(task: Task) -> str:

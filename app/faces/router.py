@@ -5,12 +5,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from app.blobs import BlobStore
 from app.config import Settings
 from app.deps import PageDep, SessionDep, SettingsDep
 from app.faces import service
+from app.faces.images import DecodeLimits
 from app.faces.schemas import FaceOut
 from app.pagination import PAGE_RESPONSES, Page
 from app.problems import problem_doc
@@ -74,6 +75,9 @@ async def upload_face(
                 split_fractions=settings.split_fractions,
                 subject=upload.fields.get("subject"),
                 source=upload.fields.get("source"),
+                decode_limits=DecodeLimits(
+                    settings.max_image_pixels, settings.max_concurrent_decodes, settings.decode_wait_s
+                ),
             )
         )
     if created:
@@ -114,8 +118,17 @@ def get_face_image(face_id: uuid.UUID, session: SessionDep, settings: SettingsDe
     return FileResponse(path, media_type=media_type)
 
 
-@router.delete("/{face_id}", status_code=204, responses={404: problem_doc("No such face")})
+@router.delete(
+    "/{face_id}",
+    status_code=204,
+    responses={
+        202: {"description": "Erased but for the image file, which the sweeper removes (erasure pending)"},
+        404: problem_doc("No such face"),
+    },
+)
 def delete_face(face_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> Response:
     """Erase a face, its image, its embeddings and every feedback pair that names it."""
-    service.delete_face(session=session, store=blob_store(settings), face_id=face_id)
+    if not service.delete_face(session=session, store=blob_store(settings), face_id=face_id):
+        detail = "the face is erased; its image file could not be removed yet and will be by the sweeper"
+        return JSONResponse({"id": str(face_id), "erasure": "pending", "detail": detail}, status_code=202)
     return Response(status_code=204)

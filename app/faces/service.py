@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 from app.blobs import BlobStore, StagedBlob
 from app.config import Settings
 from app.embeddings import embedded_faces, serving_model_id
-from app.faces.images import inspect_image
+from app.erasures import finish_erasure, record_erasure
+from app.faces.images import DecodeLimits, inspect_image
 from app.faces.schemas import FaceOut
 from app.models.serving import request_embedding
 from app.pagination import PageParams, fetch_page
@@ -34,6 +35,7 @@ def store_face(
     split_fractions: Mapping[str, float],
     subject: str | None = None,
     source: str | None = None,
+    decode_limits: DecodeLimits | None = None,
 ) -> tuple[Face, bool]:
     """Keep a received image as a face, or return the face that already has these bytes.
 
@@ -48,7 +50,7 @@ def store_face(
     if existing is not None:
         return existing, False
 
-    info = inspect_image(blob.path, max_pixels=max_pixels)
+    info = inspect_image(blob.path, max_pixels=max_pixels, limits=decode_limits)
     blob_was_there = store.exists(NAMESPACE, sha)
     blob.commit()
     face = Face(
@@ -130,18 +132,19 @@ def list_faces(
     return fetch_page(session, Face, page, subject=subject, split=split)
 
 
-def delete_face(*, session: Session, store: BlobStore, face_id: uuid.UUID) -> None:
+def delete_face(*, session: Session, store: BlobStore, face_id: uuid.UUID) -> bool:
     """Erase a face: the database cascades to its feedback and embeddings, then its image goes.
 
-    The blob is removed only after the commit (a failed delete keeps the image) and only when no row names
-    its sha any more (a concurrent re-upload of the same bytes keeps it).
+    The row's deletion records a tombstone for the image in the same transaction (app/erasures.py); the
+    image is removed after the commit, unless a row names its bytes again (a concurrent re-upload). Returns
+    False when the blob store refused: the erasure is then pending and the sweeper finishes it.
     """
     face = get_face(session=session, face_id=face_id)
     sha = face.sha256
     session.delete(face)
+    record_erasure(session, NAMESPACE, sha)
     session.commit()
-    if _face_by_sha(session, sha) is None:
-        store.delete(NAMESPACE, sha)
+    return finish_erasure(session, store, NAMESPACE, sha)
 
 
 def _face_by_sha(session: Session, sha: str) -> Face | None:

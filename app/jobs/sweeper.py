@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import session_scope
 from app.domain import JobStatus
+from app.erasures import finish_pending_erasures
 from app.jobs import auto_finetune
 from app.queue import send_job
 from app.tables import Job
@@ -37,6 +38,8 @@ class SweepReport:
     cancelled: list[uuid.UUID] = field(default_factory=list)
     send_failures: list[uuid.UUID] = field(default_factory=list)
     auto_finetune: list[uuid.UUID] = field(default_factory=list)  # the fine-tune the policy queued, if any
+    erased: int = 0
+    erasures_pending: int = 0
 
 
 def _claim_lost_messages(session: Session, settings: Settings, now: datetime) -> list[tuple[uuid.UUID, str]]:
@@ -106,8 +109,9 @@ def _recover_lost_workers(
 
 
 def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
-    """One pass: recover jobs of dead workers, re-send queued jobs whose message may be lost, then apply the
-    auto fine-tune policy (app/jobs/auto_finetune.py; off unless `auto_finetune_after_labels` is set)."""
+    """One pass: recover jobs of dead workers, re-send queued jobs whose message may be lost, finish the
+    erasures of files the blob store refused to remove (app/erasures.py), then apply the auto fine-tune
+    policy (app/jobs/auto_finetune.py; off unless `auto_finetune_after_labels` is set)."""
     now = now or datetime.now(UTC)
     report = SweepReport()
     with session_scope(settings.database_url) as session:
@@ -124,19 +128,21 @@ def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
             )
             report.send_failures.append(job_id)
             _release_send_claim(settings, job_id, now)
+    report.erased, report.erasures_pending = finish_pending_erasures(settings)
     try:
         queued = auto_finetune.queue_if_due(settings)
     except Exception:
         log.exception("auto fine-tune policy failed; the next sweep tries again")
     else:
         report.auto_finetune.extend([queued] if queued is not None else [])
-    if any((report.requeued, report.failed, report.cancelled, report.resent)):
+    if any((report.requeued, report.failed, report.cancelled, report.resent, report.erased)):
         log.info(
-            "sweep: %d re-sent, %d requeued, %d failed (worker lost), %d cancelled",
+            "sweep: %d re-sent, %d requeued, %d failed (worker lost), %d cancelled, %d files erased",
             len(report.resent),
             len(report.requeued),
             len(report.failed),
             len(report.cancelled),
+            report.erased,
         )
     return report
 

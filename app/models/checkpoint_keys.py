@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from app.models.checkpoint_scan import (
     ALLOWED_GLOBALS,
     LEGACY_MAGIC_NUMBER,
     LEGACY_PROTOCOL_VERSION,
     MAX_PICKLE_BYTES,
-    BoundedReader,
+    checkpoint_format,
     qualified_global,
 )
 
@@ -101,6 +101,28 @@ _STANDINS: dict[str, Any] = {
 }
 
 
+class _BoundedReader:
+    """A read-only view that refuses to hand out more than `limit` bytes, whatever lengths a pickle claims."""
+
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
+        self._stream = stream
+        self._left = limit
+
+    def _take(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left < 0:
+            raise KeysUnreadable("the checkpoint's pickle is implausibly large")
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left + 1 if size < 0 else min(size, self._left + 1)
+        return self._take(self._stream.read(size))
+
+    def readline(self, size: int = -1) -> bytes:
+        size = self._left + 1 if size < 0 else min(size, self._left + 1)
+        return self._take(self._stream.readline(size))
+
+
 class _KeysUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         qualified = qualified_global(module, name)
@@ -137,7 +159,7 @@ def _load_legacy_pickle(path: Path) -> Any:
     """The object pickle of a pre-1.6 file: it follows the magic number, protocol and system-info pickles."""
     try:
         with path.open("rb") as stream:
-            unpickler = _KeysUnpickler(BoundedReader(stream, MAX_PICKLE_BYTES))
+            unpickler = _KeysUnpickler(_BoundedReader(stream, MAX_PICKLE_BYTES))
             if unpickler.load() != LEGACY_MAGIC_NUMBER or unpickler.load() != LEGACY_PROTOCOL_VERSION:
                 raise KeysUnreadable("not a legacy PyTorch checkpoint")
             unpickler.load()
@@ -153,7 +175,7 @@ def raw_tensor_shapes(path: Path) -> dict[str, Shape]:
 
     Raises KeysUnreadable for anything but a dict of named tensors in torch.save's zip or legacy format.
     """
-    payload = _load_zip_pickle(path) if zipfile.is_zipfile(path) else _load_legacy_pickle(path)
+    payload = _load_zip_pickle(path) if checkpoint_format(path) == "zip" else _load_legacy_pickle(path)
     if isinstance(payload, Mapping) and "state_dict" in payload:
         payload = payload["state_dict"]
     if not isinstance(payload, Mapping) or not payload:

@@ -198,6 +198,7 @@ def get_model(model_id: uuid.UUID, session: SessionDep) -> ModelOut:
     responses={
         200: {"description": "The checkpoint's bytes", "content": {"application/octet-stream": {}}},
         404: problem_doc("No such model"),
+        409: problem_doc("The model is not ready: still validating, or refused (model-not-ready)"),
     },
 )
 def download_checkpoint(model_id: uuid.UUID, session: SessionDep, settings: SettingsDep) -> FileResponse:

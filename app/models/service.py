@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
@@ -128,7 +129,9 @@ def list_models(
 
 
 def checkpoint_file(*, session: Session, store: BlobStore, model_id: uuid.UUID) -> tuple[ModelVersion, Path]:
-    model = get_model_row(session, model_id)
+    """The checkpoint of a `ready` model: one still validating, or refused by the worker's strict load, is
+    not served (409 model-not-ready), since only that load vouches for the bytes."""
+    model = require_ready_model(session, model_id)
     path = store.path(NAMESPACE, model.sha256)
     if not path.is_file():
         raise Problem(
@@ -145,6 +148,23 @@ class Registration:
     model: ModelVersion
     created: bool
     validation_job: Job | None
+
+
+def _checkpoint_lock(session: Session, sha256: str) -> None:
+    """Serialises storing a checkpoint's bytes with `drop_checkpoint_if_unused` deleting them."""
+    _lock(session, f"checkpoint:{sha256}")
+
+
+def drop_checkpoint_if_unused(session: Session, store: BlobStore, sha256: str) -> bool:
+    """Delete the checkpoint's bytes unless a model that is not `invalid` still names them: a file the
+    worker refused keeps no bytes on disk. Runs in the caller's transaction, which should commit soon."""
+    _checkpoint_lock(session, sha256)
+    in_use = session.scalar(
+        select(func.count()).where(ModelVersion.sha256 == sha256, ModelVersion.status != ModelStatus.INVALID)
+    )
+    if in_use:
+        return False
+    return store.delete(NAMESPACE, sha256)
 
 
 def _registered(session: Session, sha256: str, arch: Architecture) -> ModelVersion | None:
@@ -225,6 +245,7 @@ def register_model(
         session.rollback()
         raise
 
+    _checkpoint_lock(session, sha)
     blob_was_there = store.exists(NAMESPACE, sha)
     blob.commit()
     try:
@@ -240,6 +261,14 @@ def register_model(
             params=ValidateModelParams(model=model.id),
         )
         session.commit()
+    except IntegrityError:
+        # The same bytes under the same arch, registered concurrently (uq_models_sha256_arch; SQLite has no
+        # advisory lock): answer that registration, as for a re-upload.
+        session.rollback()
+        existing = _registered(session, sha, arch)
+        if existing is None:
+            raise
+        return Registration(existing, created=False, validation_job=None)
     except BaseException:
         session.rollback()
         if not blob_was_there and not _sha_in_use(session, sha):

@@ -5,7 +5,7 @@ hold the same pair: expired leases are deleted before new ones are inserted, so 
 among live ones.
 
 Revision ID: 2026_11_29_0006
-Revises: 2026_11_29_0003
+Revises: 2026_11_29_0005
 Create Date: 2026-11-29 14:30:00
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "2026_11_29_0006"
-down_revision: str | Sequence[str] | None = "2026_11_29_0003"
+down_revision: str | Sequence[str] | None = "2026_11_29_0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

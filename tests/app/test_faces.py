@@ -484,3 +484,58 @@ def test_a_page_of_faces_costs_the_same_queries_whatever_its_size(
         return len(executed)
 
     assert statements(2) == statements(12)
+
+
+def test_a_multipart_body_cut_before_its_closing_boundary_is_refused(
+    client: TestClient, settings: Settings, face_pngs: list[Path]
+) -> None:
+    image = face_pngs[0].read_bytes()
+    body = (
+        b'--cut\r\nContent-Disposition: form-data; name="file"; filename="face.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + image
+    )
+
+    response = client.post(
+        "/v1/faces", content=body, headers={"content-type": "multipart/form-data; boundary=cut"}
+    )
+    whole = client.post(
+        "/v1/faces",
+        content=body + b"\r\n--cut--\r\n",
+        headers={"content-type": "multipart/form-data; boundary=cut"},
+    )
+
+    problem = assert_problem(response, 400, "malformed-multipart")
+    assert "closing boundary" in problem["detail"]
+    assert whole.status_code == 201, "the same body with its closing boundary is a face"
+    assert count_rows(settings, Face) == 1
+
+
+def test_an_erase_the_blob_store_refuses_is_recorded_and_finished_by_the_sweeper(
+    client: TestClient, settings: Settings, face_pngs: list[Path]
+) -> None:
+    from app.jobs.sweeper import sweep_once
+    from app.tables import Erasure
+
+    image = face_pngs[0].read_bytes()
+    face = upload(client, image).json()
+    path = settings.blob_dir / "faces" / face["sha256"][:2] / face["sha256"]
+    path.unlink()
+    (path / "held").mkdir(parents=True)  # a directory where the file was: the store cannot unlink it
+
+    response = client.delete(f"/v1/faces/{face['id']}")
+
+    assert response.status_code == 202, response.text
+    assert response.json()["erasure"] == "pending"
+    assert_problem(client.get(f"/v1/faces/{face['id']}"), 404, "unknown-face")
+    assert count_rows(settings, Face) == 0
+    assert count_rows(settings, Erasure) == 1
+    assert sweep_once(settings).erasures_pending == 1, "still refused: the tombstone stays"
+
+    (path / "held").rmdir()
+    path.rmdir()
+    path.write_bytes(image)  # the store takes changes again, and the image is still there
+    report = sweep_once(settings)
+
+    assert (report.erased, report.erasures_pending) == (1, 0)
+    assert not path.exists()
+    assert count_rows(settings, Erasure) == 0

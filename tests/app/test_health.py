@@ -21,7 +21,10 @@ def test_readyz_is_200_when_database_and_broker_answer(client: TestClient) -> No
     response = client.get("/readyz")
 
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+    assert response.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "broker": "ok", "blob_store": "ok"},
+    }
 
 
 def test_readyz_names_a_broker_that_is_down(settings: Settings) -> None:

@@ -22,10 +22,11 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.exc import IntegrityError
 
 from app import migrate
 from app.config import get_settings
-from app.tables import Base, Face, FeedbackPair, Job
+from app.tables import Base, Face, FeedbackPair, Job, ModelVersion
 
 CHECK_CONSTRAINTS = {
     "faces": {"ck_faces_split"},
@@ -36,6 +37,7 @@ CHECK_CONSTRAINTS = {
     "review_leases": {"ck_review_leases_distinct_faces", "ck_review_leases_split"},
 }
 BEFORE_NAMED_CONSTRAINTS = "2026_11_28_0001"
+BEFORE_UNIQUE_MODELS = "2026_11_29_0003"
 
 
 @pytest.fixture
@@ -357,3 +359,69 @@ def test_activations_of_models_that_cover_every_face_serve_after_the_upgrade(
 def _uuid(value: uuid.UUID, database: str) -> object:
     """A UUID as raw SQL binds and returns it: a UUID on PostgreSQL, 32 hex digits on SQLite."""
     return value if database == "postgresql" else value.hex
+
+
+def _insert_model(engine: Engine, sha256: str, arch: str, job_id: uuid.UUID | None = None) -> None:
+    values = {"id": uuid.uuid4(), "arch": arch, "status": "ready", "sha256": sha256, "byte_size": 1}
+    with engine.begin() as connection:
+        connection.execute(
+            insert(ModelVersion.__table__).values(
+                **values, created_at=datetime.now(UTC), created_by_job_id=job_id
+            )
+        )
+
+
+def _insert_job(engine: Engine) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    with engine.begin() as connection:
+        connection.execute(
+            insert(Job.__table__).values(
+                id=job_id,
+                kind="finetune",
+                status="running",
+                params={},
+                attempts=1,
+                max_attempts=3,
+                cancel_requested=False,
+                created_at=datetime.now(UTC),
+            )
+        )
+    return job_id
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_models_are_unique_per_bytes_and_arch_and_per_creating_job(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(f"empty_{database}_url")
+    migrate.upgrade_database(url)
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        _insert_model(engine, "a" * 64, "iresnet18")
+        _insert_model(engine, "a" * 64, "iresnet50")  # the same bytes under another arch: a model of its own
+        with pytest.raises(IntegrityError):
+            _insert_model(engine, "a" * 64, "iresnet18")
+        job_id = _insert_job(engine)
+        _insert_model(engine, "b" * 64, "iresnet18", job_id)
+        with pytest.raises(IntegrityError):
+            _insert_model(engine, "c" * 64, "iresnet18", job_id)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_the_unique_models_revision_stops_on_duplicates_and_names_them(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue(f"empty_{database}_url")
+    migrate.upgrade_database(url, BEFORE_UNIQUE_MODELS)
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        _insert_model(engine, "d" * 64, "mobilefacenet")
+        _insert_model(engine, "d" * 64, "mobilefacenet")
+
+        with pytest.raises(RuntimeError, match=r"d{64}, mobilefacenet"):
+            migrate.upgrade_database(url)
+        assert migrate.current_revision(url) == BEFORE_UNIQUE_MODELS
+    finally:
+        engine.dispose()

@@ -180,3 +180,28 @@ def test_a_reindex_whose_worker_is_killed_resumes_with_what_is_missing(
         "rows written before the kill stay as they were"
     )
     assert ok(http.get("/v1/models/active"), 200)["serving_model_id"] == model["id"]
+
+
+def test_sigterm_to_the_workers_process_group_lets_the_running_job_finish(
+    http: httpx.Client,
+    start_worker: Callable[[], ServiceProcess],
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+) -> None:
+    """What systemd's KillMode=control-group does on stop: every process of the group gets SIGTERM. The
+    job's child leaves shutdown to the parent, whose warm shutdown waits for the job."""
+    import os
+    import signal
+
+    worker = start_worker()
+    seeded = _ready_service(http, johns_dir, mobilefacenet_checkpoint)
+    job = start_finetune(http, QUICK_FINETUNE)
+    training = wait_for_job(http, job["id"], until=_training).job
+    assert (training["status"], training["attempts"]) == ("running", 1), training
+
+    os.killpg(worker.pid, signal.SIGTERM)
+    done = wait_for_job(http, job["id"]).job
+
+    assert (done["status"], done["attempts"]) == ("succeeded", 1), done
+    assert len(_children_of(http, seeded.base_model["id"])) == 1
+    worker.wait_until(lambda: not worker.alive(), what="exiting after its warm shutdown", timeout_s=60)

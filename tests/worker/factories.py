@@ -1,12 +1,16 @@
 """Rows for the worker's job tests, added in the caller's session as the api would have written them, and a
 job run to its end in-process."""
 
+import hashlib
 import io
+import itertools
 import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore
@@ -50,6 +54,23 @@ def add_pair(session: Session, a: Face, b: Face, label: int, split: str | None =
     return pair
 
 
+def _unregistered_copy(session: Session, checkpoint: Path, arch: str) -> bytes:
+    """The checkpoint's bytes, or, when they are registered under `arch` already (one model per bytes and
+    arch), the same weights in MagFace's wrapper with another `epoch`, so a test can have two models."""
+    content = checkpoint.read_bytes()
+    for copy in itertools.count(1):
+        digest = hashlib.sha256(content).hexdigest()
+        taken = select(ModelVersion.id).where(ModelVersion.sha256 == digest, ModelVersion.arch == arch)
+        if session.scalars(taken).first() is None:
+            return content
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        wrapped = dict(payload) if "state_dict" in payload else {"state_dict": payload, "arch": arch}
+        buffer = io.BytesIO()
+        torch.save({**wrapped, "epoch": copy}, buffer)
+        content = buffer.getvalue()
+    raise AssertionError("unreachable")
+
+
 def add_model(
     session: Session,
     store: BlobStore,
@@ -60,7 +81,7 @@ def add_model(
     threshold: float | None = None,
     name: str | None = None,
 ) -> ModelVersion:
-    blob = store.write_stream("checkpoints", [checkpoint.read_bytes()])
+    blob = store.write_stream("checkpoints", [_unregistered_copy(session, checkpoint, arch)])
     model = ModelVersion(
         name=name, arch=arch, status=status, sha256=blob.sha256, byte_size=blob.size, threshold=threshold
     )

@@ -117,6 +117,9 @@ API_BLAS_THREADS = "1"
 
 def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", API_BLAS_THREADS)  # read when numpy loads, later than this
+    from app.memory import return_large_blocks_to_the_os
+
+    return_large_blocks_to_the_os()  # decoded uploads' bitmaps must not stay with each request thread
     serve_app(API_APP, host=args.host, port=args.port, log_level=args.log_level, factory=True)
     return EXIT_OK
 

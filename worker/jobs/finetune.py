@@ -6,7 +6,9 @@ The steps, each visible in the job's progress phase:
    faces, val for model selection and the threshold, test and regression for judging), each face decoded once.
 2. train / epoch: worker.ml.training.finetune, cancellable between steps.
 3. saving: the best epoch's weights in MagFace's layout with their metadata, into the blob store, and a
-   `ready` ModelVersion with its lineage, hyper-parameters and a snapshot of the feedback.
+   `ready` ModelVersion with its lineage, hyper-parameters and a snapshot of the feedback. A job registers
+   one child at most (a unique index on `models.created_by_job_id`): a retry whose earlier attempt got this
+   far (its worker died while evaluating, say) skips training and judges that child.
 4. evaluating: parent and candidate on the same test pairs and, when there is one, the regression set.
 5. gating: worker.jobs.gate; with `auto_promote` and a pass, the candidate is activated (which queues a
    reindex of every face with it).
@@ -18,11 +20,14 @@ import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from torch import nn
 
 from app.blobs import StoredBlob
 from app.domain import ModelStatus
 from app.evidence import EvidenceCounts, EvidenceMinimums, evidence_report
+from app.models.service import drop_checkpoint_if_unused
 from app.problems import Problem
 from app.tables import ModelVersion, utcnow
 from worker.jobs import gate
@@ -128,6 +133,43 @@ def _store_checkpoint(
         return staged.commit()
 
 
+@dataclass
+class Training:
+    """What the job reports about training; read back from the child's checkpoint on a retry."""
+
+    best_epoch: int
+    threshold: float | None
+    history: list[dict[str, Any]]
+    stopped_early: bool
+
+    @classmethod
+    def of(cls, result: FinetuneResult) -> Training:
+        history = [record.to_dict() for record in result.history]
+        return cls(result.best_epoch, result.threshold, history, result.stopped_early)
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {"history": self.history, "stopped_early": self.stopped_early}
+
+
+def _registered_child(ctx: JobContext) -> tuple[LoadedModel, Training, dict[str, Any]] | None:
+    """The child an earlier attempt of this job registered, its training figures and feedback snapshot."""
+    with ctx.session() as session:
+        statement = select(ModelVersion).where(ModelVersion.created_by_job_id == ctx.job.id)
+        row = session.scalars(statement).first()
+        if row is None:
+            return None
+        snapshot = dict(row.dataset_snapshot or {})
+        child = load_model(ctx.settings, row)
+    metadata = child.metadata
+    training = Training(
+        best_epoch=int(metadata.get("best_epoch", 0)),
+        threshold=child.threshold,
+        history=list(metadata.get("history", [])),
+        stopped_early=bool(metadata.get("stopped_early", False)),
+    )
+    return child, training, snapshot
+
+
 def _register(
     ctx: JobContext,
     parent: LoadedModel,
@@ -147,8 +189,30 @@ def _register(
         "hyperparameters": config.to_dict(),
         "best_epoch": result.best_epoch,
         "feedback_ids_sha256": snapshot["feedback_ids_sha256"],
+        **Training.of(result).to_metadata(),
     }
     blob = _store_checkpoint(ctx, backbone, metadata, arch=parent.arch, epoch=result.best_epoch)
+    try:
+        return _insert_child(ctx, parent, backbone, blob, result, config, snapshot)
+    except IntegrityError:
+        # Another attempt of this job registered first: judge its child, drop these bytes if unused.
+        earlier = _registered_child(ctx)
+        if earlier is None:
+            raise
+        with ctx.session() as session:
+            drop_checkpoint_if_unused(session, blob_store(ctx.settings), blob.sha256)
+        return earlier[0]
+
+
+def _insert_child(
+    ctx: JobContext,
+    parent: LoadedModel,
+    backbone: nn.Module,
+    blob: StoredBlob,
+    result: FinetuneResult,
+    config: TrainConfig,
+    snapshot: dict[str, Any],
+) -> LoadedModel:
     with ctx.session() as session:
         parent_row = session.get(ModelVersion, parent.id)
         row = ModelVersion(
@@ -222,10 +286,15 @@ def run(ctx: JobContext) -> dict[str, Any]:
     snapshot = data.sets.snapshot()
     ctx.raise_if_cancelled("before training")
 
-    backbone, result = _train(ctx, parent, data, config)
-    ctx.raise_if_cancelled("after training, before the model was registered")
-    ctx.progress(phase="saving", force=True)
-    candidate = _register(ctx, parent, backbone, result, config, snapshot)
+    earlier = _registered_child(ctx)
+    if earlier is None:
+        backbone, result = _train(ctx, parent, data, config)
+        ctx.raise_if_cancelled("after training, before the model was registered")
+        ctx.progress(phase="saving", force=True)
+        candidate = _register(ctx, parent, backbone, result, config, snapshot)
+        training = Training.of(result)
+    else:
+        candidate, training, snapshot = earlier
 
     ctx.progress(phase="evaluating", force=True)
     device = select_device()
@@ -234,7 +303,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     evaluations = compare_on(
         ctx,
         parent=parent.under_test(*parent_threshold),
-        candidate=candidate.under_test(result.threshold, "val"),
+        candidate=candidate.under_test(training.threshold, "val"),
         ids=(parent.id, candidate.id),
         pair_sets={name: (data.sets.pairs[name], data.indexed[name]) for name in judged},
         device=device,
@@ -255,7 +324,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         },
         test_auc_tolerance=ctx.settings.gate_auc_tolerance,
         regression_auc_tolerance=ctx.settings.regression_auc_tolerance,
-        best_epoch=result.best_epoch,
+        best_epoch=training.best_epoch,
     )
     reindex_job_id = None
     if not params.get("auto_promote", True):
@@ -269,11 +338,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     return {
         "model_id": str(candidate.id),
         "parent_id": str(parent.id),
-        "best_epoch": result.best_epoch,
-        "epochs_run": max((record.epoch for record in result.history), default=0),
-        "stopped_early": result.stopped_early,
-        "history": [record.to_dict() for record in result.history],
-        "threshold": result.threshold,
+        "best_epoch": training.best_epoch,
+        "epochs_run": max((record["epoch"] for record in training.history), default=0),
+        "stopped_early": training.stopped_early,
+        "history": training.history,
+        "threshold": training.threshold,
+        "trained_by_earlier_attempt": earlier is not None,
         "dataset_snapshot": snapshot,
         "evaluations": {"test": test, "regression": regression},
         "evidence_report": evidence,

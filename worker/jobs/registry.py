@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class LoadedModel:
     threshold: float | None
     spec: PreprocessSpec
     backbone: nn.Module
+    metadata: dict[str, Any] = field(default_factory=dict)  # the checkpoint's own (our `magtune` entry)
 
     def under_test(self, threshold: float | None, source: str) -> ModelUnderTest:
         return ModelUnderTest(self.backbone, self.spec, threshold, source)
@@ -69,7 +70,9 @@ def load_model(settings: Settings, row: ModelVersion) -> LoadedModel:
     except CheckpointError as exc:
         raise JobFailed("invalid-checkpoint", "Invalid checkpoint", f"model {row.id}: {exc}") from exc
     spec = model_preprocess_spec(row.arch, row.preprocess)
-    return LoadedModel(row.id, row.name, row.arch, row.sha256, row.threshold, spec, loaded.model)
+    return LoadedModel(
+        row.id, row.name, row.arch, row.sha256, row.threshold, spec, loaded.model, metadata=loaded.metadata
+    )
 
 
 def threshold_for(

@@ -16,8 +16,9 @@ import torch
 from sqlalchemy import update
 
 from app.domain import ModelStatus
+from app.models.service import drop_checkpoint_if_unused
 from app.tables import ModelVersion, utcnow
-from worker.jobs.registry import checkpoint_path
+from worker.jobs.registry import blob_store, checkpoint_path
 from worker.ml.backbones import embedding_size
 from worker.ml.checkpoints import CheckpointError, LoadedBackbone, load_backbone
 from worker.ml.preprocessing import PreprocessSpec, model_preprocess_spec
@@ -50,7 +51,9 @@ def _threshold(metadata: dict[str, Any]) -> float | None:
     return None
 
 
-def _mark(ctx: JobContext, model_id: uuid.UUID, **values: Any) -> None:
+def _mark(ctx: JobContext, model_id: uuid.UUID, *, drop_sha256: str | None = None, **values: Any) -> None:
+    """Record the outcome; with `drop_sha256`, in the same transaction delete the refused file's bytes
+    unless another model still needs them, so nothing the strict load refused stays downloadable."""
     with ctx.session() as session:
         session.execute(
             update(ModelVersion)
@@ -58,6 +61,8 @@ def _mark(ctx: JobContext, model_id: uuid.UUID, **values: Any) -> None:
             .values(validated_at=utcnow(), **values)
             .execution_options(synchronize_session=False)
         )
+        if drop_sha256 is not None:
+            drop_checkpoint_if_unused(session, blob_store(ctx.settings), drop_sha256)
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
@@ -75,7 +80,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         spec = model_preprocess_spec(arch, loaded.metadata.get("preprocess"))
         size = _smoke_test(loaded, spec)
     except ValueError as exc:  # CheckpointError, or an architecture the loader does not know
-        _mark(ctx, model_id, status=ModelStatus.INVALID, status_reason=str(exc))
+        _mark(ctx, model_id, drop_sha256=sha256, status=ModelStatus.INVALID, status_reason=str(exc))
         raise JobFailed("invalid-checkpoint", "Invalid checkpoint", str(exc)) from exc
     threshold = _threshold(loaded.metadata)
     found = {"threshold": threshold} if threshold is not None else {}

@@ -199,3 +199,59 @@ def test_finetune_registers_a_child_judged_against_its_parent(
         assert active.model_id == world.base_id
         assert session.scalars(select(Job).where(Job.kind == "reindex")).all() == []
         assert result["reindex_job_id"] is None and sent_jobs == []
+
+
+class _WorkerDied(BaseException):
+    """Escapes the job runner as a killed worker would: the row stays `running` for the sweeper."""
+
+
+@pytest.mark.slow
+def test_a_finetune_retried_after_its_worker_died_while_evaluating_registers_its_child_once(
+    settings: Settings,
+    store: BlobStore,
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import worker.jobs.finetune
+    from app.jobs.sweeper import sweep_once
+
+    world = add_johns(settings, store, johns_dir, mobilefacenet_checkpoint)
+    with session_scope(settings.database_url) as session:
+        job = _finetune_job(session, world.base_id, epochs=1)
+    trained: list[int] = []
+    real_train = worker.jobs.finetune._train
+
+    def train(*args: Any, **kwargs: Any) -> Any:
+        trained.append(1)
+        return real_train(*args, **kwargs)
+
+    def die(*_args: Any, **_kwargs: Any) -> None:
+        raise _WorkerDied
+
+    monkeypatch.setattr(worker.jobs.finetune, "_train", train)
+    monkeypatch.setattr(worker.jobs.finetune, "compare_on", die)
+    with pytest.raises(_WorkerDied):
+        run_in_process(settings, job.id)
+    with session_scope(settings.database_url) as session:
+        (first,) = session.scalars(select(ModelVersion).where(ModelVersion.created_by_job_id == job.id)).all()
+        first_id = first.id
+    later = datetime.now(UTC) + timedelta(seconds=settings.job_heartbeat_timeout_s + 60)
+    assert sweep_once(settings, now=later).requeued == [job.id]
+    monkeypatch.undo()
+    monkeypatch.setattr(worker.jobs.finetune, "_train", train)
+
+    outcome = run_in_process(settings, job.id)
+
+    assert outcome.status == "succeeded", outcome.error
+    assert trained == [1], "the retry judged the registered child instead of training again"
+    with session_scope(settings.database_url) as session:
+        children = session.scalars(select(ModelVersion).where(ModelVersion.created_by_job_id == job.id)).all()
+        assert [child.id for child in children] == [first_id]
+        job = get_job(session, job.id)
+        assert (job.attempts, job.result["model_id"]) == (2, str(first_id))
+        assert job.result["trained_by_earlier_attempt"] is True
+        assert job.result["best_epoch"] in (0, 1) and len(job.result["history"]) == 2
+        assert job.result["threshold"] == children[0].threshold

@@ -67,3 +67,32 @@ def test_validate_model_marks_a_file_that_is_no_checkpoint_invalid(
         model = session.get(ModelVersion, model.id)
         assert model.status == "invalid" and model.status_reason
         assert get_job(session, job.id).error["type"] == "invalid-checkpoint"
+
+
+def test_a_checkpoint_the_strict_load_refuses_keeps_no_bytes(
+    settings: Settings, store: BlobStore, mobilefacenet_checkpoint: Path
+) -> None:
+    with session_scope(settings.database_url) as session:
+        model = add_model(session, store, mobilefacenet_checkpoint, "iresnet18")
+        job = add_job(session, "validate_model", {"model": str(model.id)})
+    assert store.exists("checkpoints", model.sha256)
+
+    assert run_in_process(settings, job.id).status == "failed"
+
+    assert not store.exists("checkpoints", model.sha256)
+    with session_scope(settings.database_url) as session:
+        assert session.get(ModelVersion, model.id).status == "invalid"
+
+
+def test_a_refused_checkpoint_keeps_its_bytes_while_another_model_needs_them(
+    settings: Settings, store: BlobStore, mobilefacenet_checkpoint: Path
+) -> None:
+    """The same bytes registered under the right architecture too: that model still loads them."""
+    with session_scope(settings.database_url) as session:
+        wrong = add_model(session, store, mobilefacenet_checkpoint, "iresnet18")
+        right = add_model(session, store, mobilefacenet_checkpoint, "mobilefacenet")
+        job = add_job(session, "validate_model", {"model": str(wrong.id)})
+
+    assert run_in_process(settings, job.id).status == "failed"
+
+    assert store.exists("checkpoints", right.sha256)

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Table, or_, select, text, tuple_
+from sqlalchemy import Table, delete, or_, select, text, tuple_
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -47,6 +47,7 @@ _PG_ARRAY_COLUMNS = {
     "split": "varchar",
     "annotator": "varchar",
     "source": "varchar",
+    "api_key_id": "varchar",
 }
 _PG_INSERT = text(
     f"INSERT INTO feedback ({', '.join(_PG_ARRAY_COLUMNS)}, created_at) "
@@ -93,10 +94,12 @@ def pair_split(requested: str | None, split_a: str, split_b: str) -> str:
     return split_a if split_a == split_b else CROSS_SPLIT
 
 
-def record_feedback(*, session: Session, item: FeedbackIn) -> tuple[FeedbackPair, bool]:
+def record_feedback(
+    *, session: Session, item: FeedbackIn, api_key_id: str | None = None
+) -> tuple[FeedbackPair, bool]:
     """Record one pair (not committed): the stored pair and whether it is new; a refusal is raised."""
     now = utcnow()
-    (outcome,) = ingest_feedback(session=session, items=[item], now=now)
+    (outcome,) = ingest_feedback(session=session, items=[item], now=now, api_key_id=api_key_id)
     if isinstance(outcome, Problem):
         raise outcome
     if outcome.created:  # every value is known: no need to read the row back
@@ -110,6 +113,7 @@ def record_feedback(*, session: Session, item: FeedbackIn) -> tuple[FeedbackPair
             annotator=item.annotator,
             source=item.source,
             created_at=now,
+            api_key_id=api_key_id,
         )
         return new, True
     stored = session.get(FeedbackPair, outcome.pair.id)
@@ -126,7 +130,9 @@ class BatchOutcome:
     created_by_label: dict[int, int]
 
 
-def record_feedback_batch(*, session: Session, items: Sequence[Any], max_items: int) -> BatchOutcome:
+def record_feedback_batch(
+    *, session: Session, items: Sequence[Any], max_items: int, api_key_id: str | None = None
+) -> BatchOutcome:
     """Record every good item of a batch (not committed) and report each bad one; over `max_items`, none."""
     if len(items) > max_items:
         raise Problem(
@@ -136,7 +142,7 @@ def record_feedback_batch(*, session: Session, items: Sequence[Any], max_items: 
             f"{len(items)} items, over the limit of {max_items} per batch; nothing was stored",
             max_items=max_items,
         )
-    outcomes = ingest_feedback(session=session, items=_parse_items(items))
+    outcomes = ingest_feedback(session=session, items=_parse_items(items), api_key_id=api_key_id)
     results: list[dict[str, Any]] = []
     counts = {"created": 0, "existing": 0, "error": 0}
     created_by_label = {0: 0, 1: 0}
@@ -160,7 +166,11 @@ def record_feedback_batch(*, session: Session, items: Sequence[Any], max_items: 
 
 
 def ingest_feedback(
-    *, session: Session, items: Sequence[FeedbackIn | Problem], now: datetime | None = None
+    *,
+    session: Session,
+    items: Sequence[FeedbackIn | Problem],
+    now: datetime | None = None,
+    api_key_id: str | None = None,
 ) -> list[Recorded | Problem]:
     """The outcome of each item, in order: its stored pair (new or existing) or why it was refused.
 
@@ -197,6 +207,7 @@ def ingest_feedback(
                     "split": pair_split(item.split, split_a, split_b),
                     "annotator": item.annotator,
                     "source": item.source,
+                    "api_key_id": api_key_id,
                     "created_at": now,
                 }
 
@@ -244,9 +255,21 @@ def list_feedback(
     label: int | None = None,
     split: str | None = None,
     face: uuid.UUID | None = None,
+    api_key: str | None = None,
 ) -> tuple[Sequence[FeedbackPair], str | None]:
     either_side = [or_(FeedbackPair.face_a == face, FeedbackPair.face_b == face)] if face is not None else []
-    return fetch_page(session, FeedbackPair, page, *either_side, label=label, split=split)
+    return fetch_page(session, FeedbackPair, page, *either_side, label=label, split=split, api_key_id=api_key)
+
+
+def retract_feedback_of_key(*, session: Session, api_key_id: str) -> int:
+    """Delete every pair the key posted (committed); how many. Idempotent: a second call deletes none."""
+    deleted = session.execute(
+        delete(FeedbackPair)
+        .where(FeedbackPair.api_key_id == api_key_id)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return int(deleted.rowcount or 0)
 
 
 def delete_feedback(*, session: Session, feedback_id: uuid.UUID) -> None:

@@ -48,6 +48,8 @@ class JobOut(BaseModel):
     max_attempts: int
     cancel_requested: bool
     parent_job_id: uuid.UUID | None
+    created_by: str | None = Field(description="The API key that created it (null: an internal job)")
+    cancelled_by: str | None = Field(description="The API key that cancelled it")
     created_at: UtcDatetime
     enqueued_at: UtcDatetime | None
     started_at: UtcDatetime | None

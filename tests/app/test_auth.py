@@ -262,6 +262,8 @@ def test_writes_over_the_rate_are_a_429_with_retry_after(
     assert int(answers[3].headers["Retry-After"]) >= 1
     assert "per api process" in body["detail"]
     assert limited.get("/v1/feedback").status_code == 200  # reads are not limited
+    verdict = limited.post("/v1/verify", json={"face_a": str(faces[0]), "face_b": str(faces[1])})
+    assert verdict.status_code != 429, "verify reads, though it is a POST"
     with session_scope(settings.database_url) as session:
         assert len(session.scalars(select(FeedbackPair.id)).all()) == 3
 

@@ -65,6 +65,20 @@ class Settings(BaseSettings):
     # others' cursors; empty (the default) derives it from `database_url`, which they share already.
     cursor_secret: str = ""
 
+    # Access control (app/auth). Turning auth off is refused unless the api is bound to loopback.
+    auth_disabled: bool = False
+    # /docs, /redoc and /openapi.json: open by default; false removes them.
+    docs_open: bool = True
+    # Browser origins allowed to call the api (CORS), e.g. ["https://labels.example.org"]; empty: none.
+    cors_origins: list[str] = Field(default_factory=list)
+    # Abuse limits per key: writes (POST/PUT/PATCH/DELETE) a second in each api process, with a burst, and
+    # jobs queued or running at once. 0 turns a limit off. Generous: a 10,000-pair import never meets them.
+    write_rate_per_s: float = Field(default=1000.0, ge=0)
+    write_burst: float = Field(default=2000.0, ge=1)
+    max_active_jobs_per_key: int = Field(default=20, ge=0)
+    # Where `magtune up` keeps the admin key it creates on first start (default: <data dir>/admin-key).
+    admin_key_file: Path | None = None
+
     # promotion gate: the candidate may lose at most this much AUC on the regression set
     regression_auc_tolerance: float = 0.002
     # promotion gate: the least evidence it judges on (app/evidence.py); below it the gate refuses with
@@ -116,6 +130,10 @@ class Settings(BaseSettings):
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
         return self
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.admin_key_file or self.data_dir / "admin-key"
 
     @property
     def blob_dir(self) -> Path:

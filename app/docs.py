@@ -12,6 +12,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.auth.dependencies import open_route
+
 ASSETS_URL = "/docs-assets"
 ASSETS_PACKAGE = "fastapi_offline"
 
@@ -25,7 +27,7 @@ def install(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc")
         root = request.scope.get("root_path", "")
         return f"{root}{app.openapi_url}", f"{root}{ASSETS_URL}"
 
-    @app.get(docs_url, include_in_schema=False)
+    @app.get(docs_url, include_in_schema=False, dependencies=[open_route()])
     async def swagger_ui(request: Request) -> HTMLResponse:
         openapi_url, base = urls(request)
         return get_swagger_ui_html(
@@ -37,7 +39,7 @@ def install(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc")
             swagger_ui_parameters=app.swagger_ui_parameters,
         )
 
-    @app.get(redoc_url, include_in_schema=False)
+    @app.get(redoc_url, include_in_schema=False, dependencies=[open_route()])
     async def redoc(request: Request) -> HTMLResponse:
         openapi_url, base = urls(request)
         return get_redoc_html(

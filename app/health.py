@@ -7,6 +7,7 @@ from kombu import Connection
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from app.auth.dependencies import open_route
 from app.blobs import NAMESPACES
 from app.config import Settings
 from app.db import get_engine
@@ -16,7 +17,7 @@ from app.problems import PROBLEM_MEDIA_TYPE, Problem
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], dependencies=[open_route()])
 
 BROKER_TIMEOUT_S = 2.0
 

@@ -3,10 +3,16 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
 from app import docs, health, observability
+from app.auth import openapi as auth_openapi
+from app.auth.dependencies import guard_undeclared
+from app.auth.keys import LastUsed
+from app.auth.limits import WriteLimiter
+from app.auth.router import router as keys_router
 from app.body_limit import BodyLimitMiddleware
 from app.config import Settings, get_settings
 from app.faces.router import router as faces_router
@@ -25,6 +31,11 @@ from app.verify.router import router as verify_router
 
 def _operation_id(route: APIRoute) -> str:
     return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+# What a browser frontend may send and read across origins (MAGTUNE_CORS_ORIGINS).
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key"]
+CORS_EXPOSED_HEADERS = ["Location", "Retry-After", "WWW-Authenticate", "Idempotent-Replayed"]
 
 
 def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> FastAPI:
@@ -47,8 +58,13 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         lifespan=lifespan,
         docs_url=None,  # app.docs serves /docs and /redoc with local assets instead of a CDN's
         redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_open else None,
+        # A route that declares no scope needs `admin` (app/auth/dependencies.py): closed, not open.
+        dependencies=[Depends(guard_undeclared)],
     )
     app.state.settings = settings
+    app.state.last_used = LastUsed()
+    app.state.write_limiter = WriteLimiter(settings.write_rate_per_s, settings.write_burst)
     install_problem_handlers(app)
     install_failure_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # inside the metrics: its 413s are counted
@@ -62,10 +78,22 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         verify_router,
         search_router,
         review_router,
+        keys_router,
     )
     for router in routers:
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
-    document_errors(app)
-    docs.install(app)
+    if settings.docs_open:
+        docs.install(app)
+    auth_openapi.install(app)
+    document_errors(app)  # outermost: it gives every error, the auth ones included, the one Problem schema
+    # Outermost, so refusals (401, 429, ...) carry the CORS headers too and a browser can read them.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=CORS_REQUEST_HEADERS,
+        expose_headers=CORS_EXPOSED_HEADERS,
+        max_age=600,
+    )
     return app

@@ -31,6 +31,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth.dependencies import requires
+from app.auth.scopes import Scope as KeyScope
 from app.db import get_session_factory
 from app.domain import FINISHED_JOB_STATUSES
 from app.tables import Job
@@ -182,12 +184,12 @@ def _exposition(database_url: str, local: CollectorRegistry) -> bytes:
 
 
 def install(app: FastAPI) -> None:
-    """Time every request and serve `GET /metrics` (Prometheus text format)."""
+    """Time every request and serve `GET /metrics` (Prometheus text format, behind scope metrics:read)."""
     database_url = app.state.settings.database_url
     local = CollectorRegistry(auto_describe=True)
     local.register(JobsCollector(database_url))
     app.add_middleware(RequestMetricsMiddleware)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[requires(KeyScope.METRICS_READ)])
     def prometheus_metrics() -> Response:
         return Response(_exposition(database_url, local), media_type=CONTENT_TYPE_LATEST)

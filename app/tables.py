@@ -121,6 +121,8 @@ class FeedbackPair(Base):
     annotator: Mapped[str | None] = mapped_column(String(256))
     source: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The API key that posted it (null for pairs stored before keys existed, or with auth disabled).
+    api_key_id: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         UniqueConstraint("face_a", "face_b", name="uq_feedback_pair"),
@@ -130,6 +132,7 @@ class FeedbackPair(Base):
         Index("ix_feedback_face_b", "face_b"),
         Index("ix_feedback_split_label", "split", "label"),
         Index("ix_feedback_created_at_id", "created_at", "id"),
+        Index("ix_feedback_api_key_id", "api_key_id"),
     )
 
 
@@ -173,12 +176,16 @@ class Job(Base):
     # Why the service queued this job by itself (the auto fine-tune policy: its settings, reason and label
     # counts); null for a job a client or another job asked for.
     trigger: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    # The API keys that created and cancelled it (null: internal jobs, older rows, auth disabled).
+    created_by: Mapped[str | None] = mapped_column(String(32))
+    cancelled_by: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         CheckConstraint(sql_in("status", JobStatus), name="status"),
         CheckConstraint(sql_in("kind", JobKind), name="kind"),
         Index("ix_jobs_status_kind", "status", "kind"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_created_by_status", "created_by", "status"),
         Index(
             "uq_jobs_queued_coalesce_key",
             "coalesce_key",
@@ -290,7 +297,9 @@ class Activation(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     previous_model_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    # Who: the name of the API key that activated (a label, kept if the key is deleted) and its id.
     actor: Mapped[str | None] = mapped_column(String(256))
+    api_key_id: Mapped[str | None] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(Text)
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -345,3 +354,24 @@ class Erasure(Base):
     namespace: Mapped[str] = mapped_column(String(32), primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: a public id and the SHA-256 of its secret (never the secret), with its scopes.
+
+    Keys are not foreign keys elsewhere: who-did-what columns keep the id after a key is revoked.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    secret_sha256: Mapped[bytes] = mapped_column(LargeBinary(32))
+    scopes: Mapped[list[str]] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    last_used_at: Mapped[datetime | None] = mapped_column()
+    created_by: Mapped[str | None] = mapped_column(String(256))
+
+    __table_args__ = (Index("ix_api_keys_created_at_id", "created_at", "id"),)

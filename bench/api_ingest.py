@@ -2,7 +2,9 @@
 
 Both run as uvicorn subprocesses (`magtune serve`, and this file's bare app served the same way) against the
 same fresh PostgreSQL database and the same `feedback` table, and one client loop drives both, so the ratio
-is the api's own cost: validation, face lookups, splits, idempotency, metrics, problem handling.
+is the api's own cost: validation, face lookups, splits, idempotency, metrics, problem handling, and the API
+key check (the api sends a key made with `magtune keys create`). Single posts also go to a third server, the
+api with MAGTUNE_AUTH_DISABLED=true, so the key check's own cost is reported (`key_check_cost_p50_ms`).
 
     python bench/api_ingest.py [--singles 2000] [--batches 5] [--batch-size 10000]
 
@@ -15,9 +17,11 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,6 +92,18 @@ def create_bare_app() -> Any:
 # Data.
 
 
+def api_key(env: dict[str, str]) -> str:
+    """A key for the feedback and face posts, made as an operator makes one."""
+    created = subprocess.run(
+        magtune("keys", "create", "--name", "bench", "--scopes", "faces:write,feedback:write", "--json"),
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return str(json.loads(created.stdout)["key"])
+
+
 def random_png(rng: random.Random) -> bytes:
     from PIL import Image
 
@@ -144,7 +160,7 @@ def post_batch(client: Any, url: str, pairs: list[tuple[str, str]]) -> None:
 def measure_singles(
     clients: dict[str, Any], pairs: Iterator[tuple[str, str]], count: int
 ) -> dict[str, list[float]]:
-    urls = {"api": "/v1/feedback", "bare_insert": "/bare/feedback"}
+    urls = {"api": "/v1/feedback", "api_auth_off": "/v1/feedback", "bare_insert": "/bare/feedback"}
     latencies: dict[str, list[float]] = {name: [] for name in urls}
     for name, url in urls.items():
         for index in range(WARMUP_REQUESTS):
@@ -184,20 +200,29 @@ def faces_needed(pair_count: int) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
-    pair_count = 2 * (args.singles + WARMUP_REQUESTS) + 2 * (args.batches + 1) * args.batch_size
+    pair_count = 3 * (args.singles + WARMUP_REQUESTS) + 2 * (args.batches + 1) * args.batch_size
     face_count = faces_needed(pair_count)
     with tempfile.TemporaryDirectory(prefix="magtune-bench-") as tmp, fresh_database() as database_url:
         env = migrated_env(database_url, tmp, MAGTUNE_MAX_FEEDBACK_BATCH=str(max(args.batch_size, 10_000)))
-        api_port, bare_port = free_port(), free_port()
+        key = api_key(env)
+        api_port, open_port, bare_port = free_port(), free_port(), free_port()
         api = magtune("serve", "--host", "127.0.0.1", "--port", str(api_port))
+        api_open = magtune("serve", "--host", "127.0.0.1", "--port", str(open_port))
         bare = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", "--port", str(bare_port)]
+        open_env = {**env, "MAGTUNE_AUTH_DISABLED": "true"}
         with (
             server(api, env, f"http://127.0.0.1:{api_port}/readyz", Path(tmp) / "api.log"),
+            server(api_open, open_env, f"http://127.0.0.1:{open_port}/readyz", Path(tmp) / "api-open.log"),
             server(bare, env, f"http://127.0.0.1:{bare_port}/bare/ready", Path(tmp) / "bare.log"),
-            httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=300) as api_client,
+            httpx.Client(
+                base_url=f"http://127.0.0.1:{api_port}",
+                timeout=300,
+                headers={"Authorization": f"Bearer {key}"},
+            ) as api_client,
+            httpx.Client(base_url=f"http://127.0.0.1:{open_port}", timeout=300) as open_client,
             httpx.Client(base_url=f"http://127.0.0.1:{bare_port}", timeout=300) as bare_client,
         ):
-            clients = {"api": api_client, "bare_insert": bare_client}
+            clients = {"api": api_client, "api_auth_off": open_client, "bare_insert": bare_client}
             face_ids = upload_faces(api_client, face_count)
             all_pairs = list(itertools.combinations(face_ids, 2))
             random.Random(1).shuffle(all_pairs)
@@ -208,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     single = {name: summary(values, 1) for name, values in singles.items()}
     batch = {name: summary(values, args.batch_size) for name, values in batches.items()}
     ratio = single["api"]["records_per_s"] / single["bare_insert"]["records_per_s"]
+    key_check_ms = single["api"]["p50_ms"] - single["api_auth_off"]["p50_ms"]
     return {
         "benchmark": "api_ingest",
         "database": "postgresql",
@@ -219,6 +245,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "single": {
             **single,
             "api_to_bare_ratio": round(ratio, 3),
+            "auth_off_to_bare_ratio": round(
+                single["api_auth_off"]["records_per_s"] / single["bare_insert"]["records_per_s"], 3
+            ),
+            "key_check_cost_p50_ms": round(key_check_ms, 3),
             "target_ratio": SINGLE_TARGET_RATIO,
             "meets_target": ratio >= SINGLE_TARGET_RATIO,
         },

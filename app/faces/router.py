@@ -7,6 +7,8 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
+from app.auth.dependencies import requires
+from app.auth.scopes import Scope
 from app.blobs import BlobStore
 from app.config import Settings
 from app.deps import PageDep, SessionDep, SettingsDep
@@ -38,6 +40,7 @@ def blob_store(settings: Settings) -> BlobStore:
 
 @router.post(
     "",
+    dependencies=[requires(Scope.FACES_WRITE)],
     status_code=201,
     response_model=FaceOut,
     openapi_extra=_UPLOAD_BODY,
@@ -87,7 +90,9 @@ async def upload_face(
     return (await run_in_threadpool(lambda: service.faces_out(session, [face])))[0]
 
 
-@router.get("", response_model=Page[FaceOut], responses=PAGE_RESPONSES)
+@router.get(
+    "", dependencies=[requires(Scope.FACES_READ)], response_model=Page[FaceOut], responses=PAGE_RESPONSES
+)
 def list_faces(
     session: SessionDep,
     page: PageDep,
@@ -99,13 +104,19 @@ def list_faces(
     return Page[FaceOut](items=service.faces_out(session, faces), next_cursor=cursor)
 
 
-@router.get("/{face_id}", response_model=FaceOut, responses={404: problem_doc("No such face")})
+@router.get(
+    "/{face_id}",
+    dependencies=[requires(Scope.FACES_READ)],
+    response_model=FaceOut,
+    responses={404: problem_doc("No such face")},
+)
 def get_face(face_id: uuid.UUID, session: SessionDep) -> FaceOut:
     return service.faces_out(session, [service.get_face(session=session, face_id=face_id)])[0]
 
 
 @router.get(
     "/{face_id}/image",
+    dependencies=[requires(Scope.FACES_READ)],
     response_class=FileResponse,
     responses={
         200: {"description": "The original bytes", "content": {"image/*": {}}},
@@ -120,6 +131,7 @@ def get_face_image(face_id: uuid.UUID, session: SessionDep, settings: SettingsDe
 
 @router.delete(
     "/{face_id}",
+    dependencies=[requires(Scope.FACES_WRITE)],
     status_code=204,
     responses={
         202: {"description": "Erased but for the image file, which the sweeper removes (erasure pending)"},

@@ -6,6 +6,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 
+from app.auth.dependencies import CallerDep, caller_id, requires
+from app.auth.scopes import Scope
 from app.deps import PageDep, SessionDep, SettingsDep
 from app.feedback import service
 from app.feedback.schemas import REVIEW_SOURCE, FeedbackBatchIn, FeedbackBatchOut, FeedbackIn, FeedbackOut
@@ -26,8 +28,14 @@ def _respond(answer: Answer, location: str | None = None) -> JSONResponse:
     return JSONResponse(answer.body, status_code=answer.status_code, headers=headers)
 
 
+def _endpoint(name: str, caller_key: str | None) -> str:
+    """Idempotency keys are per API key: another key's request with the same header is not a replay."""
+    return f"{caller_key} {name}" if caller_key else name
+
+
 @router.post(
     "",
+    dependencies=[requires(Scope.FEEDBACK_WRITE)],
     status_code=201,
     response_model=FeedbackOut,
     responses={
@@ -40,9 +48,17 @@ def _respond(answer: Answer, location: str | None = None) -> JSONResponse:
     },
 )
 def create_feedback(
-    item: FeedbackIn, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None
+    item: FeedbackIn,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    """Record one judgement on a pair of faces; (a, b) and (b, a) are the same pair."""
+    """Record one judgement on a pair of faces; (a, b) and (b, a) are the same pair.
+
+    The pair records the API key that posted it; `annotator` labels the person within that key.
+    """
+    key_id = caller_id(caller)
 
     def act() -> tuple[int, dict]:
         recorded = item
@@ -50,13 +66,17 @@ def create_feedback(
             claim_lease(session=session, lease_id=item.lease_id, face_x=item.face_a, face_y=item.face_b)
             recorded = item.model_copy(update={"source": REVIEW_SOURCE})
         stored, created = service.record_feedback(
-            session=session, item=recorded, fractions=settings.split_fractions
+            session=session, item=recorded, fractions=settings.split_fractions, api_key_id=key_id
         )
         return (201 if created else 200), FeedbackOut.model_validate(stored).model_dump(mode="json")
 
     payload = item.model_dump(mode="json")
     answer = run_idempotently(
-        session, key=idempotency_key, endpoint="POST /v1/feedback", payload=payload, act=act
+        session,
+        key=idempotency_key,
+        endpoint=_endpoint("POST /v1/feedback", key_id),
+        payload=payload,
+        act=act,
     )
     if answer.status_code == 201 and not answer.replayed:
         record_feedback_ingested(item.label)
@@ -65,13 +85,19 @@ def create_feedback(
 
 @router.post(
     "/batch",
+    dependencies=[requires(Scope.FEEDBACK_WRITE)],
     response_model=FeedbackBatchOut,
     responses={413: problem_doc("More items than `max_feedback_batch`; nothing was stored")},
 )
 def create_feedback_batch(
-    batch: FeedbackBatchIn, session: SessionDep, settings: SettingsDep, idempotency_key: IdempotencyKey = None
+    batch: FeedbackBatchIn,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """Record many pairs at once: good items are stored, each bad one is reported with its index."""
+    key_id = caller_id(caller)
 
     created_by_label: dict[int, int] = {}
 
@@ -81,12 +107,17 @@ def create_feedback_batch(
             items=batch.items,
             max_items=settings.max_feedback_batch,
             fractions=settings.split_fractions,
+            api_key_id=key_id,
         )
         created_by_label.update(outcome.created_by_label)
         return 200, outcome.body
 
     answer = run_idempotently(
-        session, key=idempotency_key, endpoint="POST /v1/feedback/batch", payload=batch.items, act=act
+        session,
+        key=idempotency_key,
+        endpoint=_endpoint("POST /v1/feedback/batch", key_id),
+        payload=batch.items,
+        act=act,
     )
     if not answer.replayed:
         for label, count in created_by_label.items():
@@ -94,25 +125,45 @@ def create_feedback_batch(
     return _respond(answer)
 
 
-@router.get("", response_model=Page[FeedbackOut], responses=PAGE_RESPONSES)
+@router.get(
+    "",
+    dependencies=[requires(Scope.FEEDBACK_READ)],
+    response_model=Page[FeedbackOut],
+    responses=PAGE_RESPONSES,
+)
 def list_feedback(
     session: SessionDep,
     page: PageDep,
     label: Annotated[int | None, Query(ge=0, le=1)] = None,
     split: Annotated[Annotated[str, stored_text(16)] | None, Query()] = None,
     face: Annotated[uuid.UUID | None, Query(description="Pairs naming this face on either side")] = None,
+    api_key: Annotated[
+        Annotated[str, stored_text(32)] | None, Query(description="Pairs posted with this API key id")
+    ] = None,
 ) -> Page[FeedbackOut]:
     """Feedback pairs, newest first."""
-    pairs, cursor = service.list_feedback(session=session, page=page, label=label, split=split, face=face)
+    pairs, cursor = service.list_feedback(
+        session=session, page=page, label=label, split=split, face=face, api_key=api_key
+    )
     return Page[FeedbackOut](items=[FeedbackOut.model_validate(pair) for pair in pairs], next_cursor=cursor)
 
 
-@router.get("/{feedback_id}", response_model=FeedbackOut, responses={404: problem_doc("No such feedback")})
+@router.get(
+    "/{feedback_id}",
+    dependencies=[requires(Scope.FEEDBACK_READ)],
+    response_model=FeedbackOut,
+    responses={404: problem_doc("No such feedback")},
+)
 def get_feedback(feedback_id: uuid.UUID, session: SessionDep) -> FeedbackOut:
     return FeedbackOut.model_validate(service.get_feedback(session=session, feedback_id=feedback_id))
 
 
-@router.delete("/{feedback_id}", status_code=204, responses={404: problem_doc("No such feedback")})
+@router.delete(
+    "/{feedback_id}",
+    dependencies=[requires(Scope.FEEDBACK_WRITE)],
+    status_code=204,
+    responses={404: problem_doc("No such feedback")},
+)
 def delete_feedback(feedback_id: uuid.UUID, session: SessionDep) -> Response:
     """Retract a judgement, e.g. to record the pair again with another label."""
     service.delete_feedback(session=session, feedback_id=feedback_id)

@@ -58,6 +58,7 @@ class FeedbackOut(BaseModel):
     split: FeedbackSplit
     annotator: str | None
     source: str | None
+    api_key_id: str | None = Field(description="The API key that posted it (null: before keys existed)")
     created_at: UtcDatetime
 
 

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Table, or_, select, text, tuple_
+from sqlalchemy import Table, delete, or_, select, text, tuple_
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -50,6 +50,7 @@ _PG_ARRAY_COLUMNS = {
     "split": "varchar",
     "annotator": "varchar",
     "source": "varchar",
+    "api_key_id": "varchar",
 }
 _PG_INSERT = text(
     f"INSERT INTO feedback ({', '.join(_PG_ARRAY_COLUMNS)}, created_at) "
@@ -97,11 +98,17 @@ def pair_split(requested: str | None, split_a: str, split_b: str) -> str:
 
 
 def record_feedback(
-    *, session: Session, item: FeedbackIn, fractions: Mapping[str, float] = DEFAULT_SPLIT_FRACTIONS
+    *,
+    session: Session,
+    item: FeedbackIn,
+    fractions: Mapping[str, float] = DEFAULT_SPLIT_FRACTIONS,
+    api_key_id: str | None = None,
 ) -> tuple[FeedbackPair, bool]:
     """Record one pair (not committed): the stored pair and whether it is new; a refusal is raised."""
     now = utcnow()
-    (outcome,) = ingest_feedback(session=session, items=[item], now=now, fractions=fractions)
+    (outcome,) = ingest_feedback(
+        session=session, items=[item], now=now, fractions=fractions, api_key_id=api_key_id
+    )
     if isinstance(outcome, Problem):
         raise outcome
     if outcome.created:  # every value is known: no need to read the row back
@@ -115,6 +122,7 @@ def record_feedback(
             annotator=item.annotator,
             source=item.source,
             created_at=now,
+            api_key_id=api_key_id,
         )
         return new, True
     stored = session.get(FeedbackPair, outcome.pair.id)
@@ -137,6 +145,7 @@ def record_feedback_batch(
     items: Sequence[Any],
     max_items: int,
     fractions: Mapping[str, float] = DEFAULT_SPLIT_FRACTIONS,
+    api_key_id: str | None = None,
 ) -> BatchOutcome:
     """Record every good item of a batch (not committed) and report each bad one; over `max_items`, none."""
     if len(items) > max_items:
@@ -148,7 +157,7 @@ def record_feedback_batch(
             max_items=max_items,
         )
     parsed = [_no_lease(item) for item in _parse_items(items)]
-    outcomes = ingest_feedback(session=session, items=parsed, fractions=fractions)
+    outcomes = ingest_feedback(session=session, items=parsed, fractions=fractions, api_key_id=api_key_id)
     results: list[dict[str, Any]] = []
     counts = {"created": 0, "existing": 0, "error": 0}
     created_by_label = {0: 0, 1: 0}
@@ -179,6 +188,7 @@ def ingest_feedback(
     items: Sequence[FeedbackIn | Problem],
     now: datetime | None = None,
     fractions: Mapping[str, float] = DEFAULT_SPLIT_FRACTIONS,
+    api_key_id: str | None = None,
 ) -> list[Recorded | Problem]:
     """The outcome of each item, in order: its stored pair (new or existing) or why it was refused.
 
@@ -229,6 +239,7 @@ def ingest_feedback(
                     "split": pair_split(item.split, split_a, split_b),
                     "annotator": item.annotator,
                     "source": item.source,
+                    "api_key_id": api_key_id,
                     "created_at": now,
                 }
 
@@ -277,9 +288,21 @@ def list_feedback(
     label: int | None = None,
     split: str | None = None,
     face: uuid.UUID | None = None,
+    api_key: str | None = None,
 ) -> tuple[Sequence[FeedbackPair], str | None]:
     either_side = [or_(FeedbackPair.face_a == face, FeedbackPair.face_b == face)] if face is not None else []
-    return fetch_page(session, FeedbackPair, page, *either_side, label=label, split=split)
+    return fetch_page(session, FeedbackPair, page, *either_side, label=label, split=split, api_key_id=api_key)
+
+
+def retract_feedback_of_key(*, session: Session, api_key_id: str) -> int:
+    """Delete every pair the key posted (committed); how many. Idempotent: a second call deletes none."""
+    deleted = session.execute(
+        delete(FeedbackPair)
+        .where(FeedbackPair.api_key_id == api_key_id)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return int(deleted.rowcount or 0)
 
 
 def delete_feedback(*, session: Session, feedback_id: uuid.UUID) -> None:

@@ -5,6 +5,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
+from app.auth.dependencies import CallerDep, caller_id, requires
+from app.auth.limits import check_job_cap
+from app.auth.scopes import Scope
 from app.deps import PageDep, SessionDep, SettingsDep
 from app.domain import JobKind, JobStatus
 from app.jobs import service
@@ -17,6 +20,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 @router.post(
     "",
+    dependencies=[requires(Scope.JOBS_WRITE)],
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
     responses={
@@ -25,15 +29,25 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
         422: problem_doc("Unknown kind, unknown param or a param of the wrong type"),
     },
 )
-def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, response: Response) -> JobOut:
-    """Queue a job; the params stored on it name the concrete models it will use."""
-    job = service.create_job(session=session, settings=settings, kind=body.kind, params=body.params)
+def create_job(
+    body: JobCreate, session: SessionDep, settings: SettingsDep, caller: CallerDep, response: Response
+) -> JobOut:
+    """Queue a job; the params stored on it name the concrete models it will use.
+
+    A key may have `max_active_jobs_per_key` jobs queued or running at once (429 `too-many-jobs` above).
+    """
+    check_job_cap(session, settings, caller)
+    job = service.create_job(
+        session=session, settings=settings, kind=body.kind, params=body.params, created_by=caller_id(caller)
+    )
     session.commit()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobOut.model_validate(service.get_job(session=session, job_id=job.id))
 
 
-@router.get("", response_model=Page[JobOut], responses=PAGE_RESPONSES)
+@router.get(
+    "", dependencies=[requires(Scope.JOBS_READ)], response_model=Page[JobOut], responses=PAGE_RESPONSES
+)
 def list_jobs(
     session: SessionDep,
     page: PageDep,
@@ -44,13 +58,19 @@ def list_jobs(
     return Page[JobOut](items=[JobOut.model_validate(job) for job in jobs], next_cursor=cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses={404: problem_doc("No such job")})
+@router.get(
+    "/{job_id}",
+    dependencies=[requires(Scope.JOBS_READ)],
+    response_model=JobOut,
+    responses={404: problem_doc("No such job")},
+)
 def get_job(job_id: uuid.UUID, session: SessionDep) -> JobOut:
     return JobOut.model_validate(service.get_job(session=session, job_id=job_id))
 
 
 @router.post(
     "/{job_id}/cancel",
+    dependencies=[requires(Scope.JOBS_WRITE)],
     response_model=JobOut,
     responses={
         202: {"model": JobOut, "description": "Running: flagged, the worker stops at its next step"},
@@ -58,9 +78,9 @@ def get_job(job_id: uuid.UUID, session: SessionDep) -> JobOut:
         409: problem_doc("The job has finished already (job-finished)"),
     },
 )
-def cancel_job(job_id: uuid.UUID, session: SessionDep, response: Response) -> JobOut:
+def cancel_job(job_id: uuid.UUID, session: SessionDep, caller: CallerDep, response: Response) -> JobOut:
     """A queued job is cancelled at once (200); a running one is flagged and stops at its next step (202)."""
-    job, cancelled_now = service.cancel_job(session=session, job_id=job_id)
+    job, cancelled_now = service.cancel_job(session=session, job_id=job_id, cancelled_by=caller_id(caller))
     if not cancelled_now:
         response.status_code = status.HTTP_202_ACCEPTED
     return JobOut.model_validate(job)

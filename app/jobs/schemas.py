@@ -51,6 +51,8 @@ class JobOut(BaseModel):
     trigger: dict[str, Any] | None = Field(
         None, description="why the service queued this job by itself (the auto fine-tune policy); else null"
     )
+    created_by: str | None = Field(description="The API key that created it (null: an internal job)")
+    cancelled_by: str | None = Field(description="The API key that cancelled it")
     created_at: UtcDatetime
     enqueued_at: UtcDatetime | None
     started_at: UtcDatetime | None

@@ -59,6 +59,7 @@ def create_job(
     kind: str,
     params: JobParams | dict[str, Any],
     parent_job_id: uuid.UUID | None = None,
+    created_by: str | None = None,
 ) -> Job:
     """Add a queued job with validated, fully resolved params; it is sent to the broker after commit.
 
@@ -71,6 +72,7 @@ def create_job(
         kind=JobKind(kind),
         params=_resolve_models(session, validated),
         parent_job_id=parent_job_id,
+        created_by=created_by,
     )
 
 
@@ -87,7 +89,7 @@ def list_jobs(
     return fetch_page(session, Job, page, kind=kind, status=status)
 
 
-def cancel_job(*, session: Session, job_id: uuid.UUID) -> tuple[Job, bool]:
+def cancel_job(*, session: Session, job_id: uuid.UUID, cancelled_by: str | None = None) -> tuple[Job, bool]:
     """Cancel a job; returns the job and whether it is already cancelled (False: the worker will stop it).
 
     Both updates are conditional, so a job that the worker claims meanwhile is flagged instead.
@@ -95,7 +97,9 @@ def cancel_job(*, session: Session, job_id: uuid.UUID) -> tuple[Job, bool]:
     cancelled = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow())
+        .values(
+            status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow(), cancelled_by=cancelled_by
+        )
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).first()
@@ -104,7 +108,7 @@ def cancel_job(*, session: Session, job_id: uuid.UUID) -> tuple[Job, bool]:
         flagged = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-            .values(cancel_requested=True)
+            .values(cancel_requested=True, cancelled_by=cancelled_by)
             .returning(Job.id)
             .execution_options(synchronize_session=False)
         ).first()

@@ -52,10 +52,11 @@ def add_job(
     kind: JobKind,
     params: JobParams,
     parent_job_id: uuid.UUID | None = None,
+    created_by: str | None = None,
 ) -> Job:
     """Add a queued job whose params are already validated and name concrete models; flushed, not committed.
 
-    It is sent to the broker after the caller's commit.
+    It is sent to the broker after the caller's commit. `created_by`: the API key behind it, if any.
     """
     job = Job(
         kind=kind,
@@ -63,6 +64,7 @@ def add_job(
         params=params_json(params),
         max_attempts=settings.job_max_attempts,
         parent_job_id=parent_job_id,
+        created_by=created_by,
         attempts=0,
         cancel_requested=False,
     )

@@ -11,6 +11,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
+from app.auth.dependencies import CallerDep, caller_id, requires
+from app.auth.scopes import Scope
 from app.blobs import BlobStore
 from app.deps import PageDep, SessionDep, SettingsDep
 from app.domain import Architecture, ModelStatus, parse
@@ -96,6 +98,7 @@ def _arch(value: str | None) -> Architecture:
 
 @router.post(
     "",
+    dependencies=[requires(Scope.MODELS_WRITE)],
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ModelRegistered,
     openapi_extra=_UPLOAD_BODY,
@@ -140,7 +143,9 @@ async def register_model(
     return ModelRegistered(**model.model_dump(), validation_job_id=job.id if job is not None else None)
 
 
-@router.get("", response_model=Page[ModelOut], responses=PAGE_RESPONSES)
+@router.get(
+    "", dependencies=[requires(Scope.MODELS_READ)], response_model=Page[ModelOut], responses=PAGE_RESPONSES
+)
 def list_models(
     session: SessionDep,
     page: PageDep,
@@ -162,6 +167,7 @@ def list_models(
 
 @router.get(
     "/active",
+    dependencies=[requires(Scope.MODELS_READ)],
     response_model=ActiveModelOut,
     responses={404: problem_doc("No model is active (no-active-model)")},
 )
@@ -178,7 +184,12 @@ def get_active_model(session: SessionDep) -> ActiveModelOut:
     )
 
 
-@router.get("/activations", response_model=Page[ActivationOut], responses=PAGE_RESPONSES)
+@router.get(
+    "/activations",
+    dependencies=[requires(Scope.MODELS_READ)],
+    response_model=Page[ActivationOut],
+    responses=PAGE_RESPONSES,
+)
 def list_activations(
     session: SessionDep, page: PageDep, model_id: Annotated[uuid.UUID | None, Query()] = None
 ) -> Page[ActivationOut]:
@@ -187,13 +198,19 @@ def list_activations(
     return Page[ActivationOut](items=[ActivationOut.model_validate(row) for row in rows], next_cursor=cursor)
 
 
-@router.get("/{model_id}", response_model=ModelOut, responses={404: problem_doc("No such model")})
+@router.get(
+    "/{model_id}",
+    dependencies=[requires(Scope.MODELS_READ)],
+    response_model=ModelOut,
+    responses={404: problem_doc("No such model")},
+)
 def get_model(model_id: uuid.UUID, session: SessionDep) -> ModelOut:
     return _detail(session, service.get_model_row(session, model_id))
 
 
 @router.get(
     "/{model_id}/checkpoint",
+    dependencies=[requires(Scope.MODELS_READ)],
     response_class=FileResponse,
     responses={
         200: {"description": "The checkpoint's bytes", "content": {"application/octet-stream": {}}},
@@ -210,6 +227,7 @@ def download_checkpoint(model_id: uuid.UUID, session: SessionDep, settings: Sett
 
 @router.post(
     "/{model_id}/activate",
+    dependencies=[requires(Scope.MODELS_ACTIVATE)],
     response_model=ActivationResult,
     responses={
         404: problem_doc("No such model"),
@@ -220,13 +238,19 @@ def activate_model(
     model_id: uuid.UUID,
     session: SessionDep,
     settings: SettingsDep,
+    caller: CallerDep,
     body: Annotated[ActivationRequest | None, Body()] = None,
 ) -> ActivationResult:
     """Put a ready model in service and queue the reindex of every face with it; a rollback is this call
     with the previous model's id."""
     body = body or ActivationRequest()
     outcome = service.activate(
-        session=session, settings=settings, model_id=model_id, actor=body.actor, reason=body.reason
+        session=session,
+        settings=settings,
+        model_id=model_id,
+        actor=caller.name if caller is not None else None,
+        api_key_id=caller_id(caller),
+        reason=body.reason,
     )
     session.commit()
     reindex = outcome.reindex_job

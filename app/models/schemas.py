@@ -81,7 +81,6 @@ class ActivationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: Annotated[str, stored_text(2000)] | None = None
-    actor: Annotated[str, stored_text(256)] | None = None
 
 
 class ActivationOut(BaseModel):
@@ -90,7 +89,10 @@ class ActivationOut(BaseModel):
     id: uuid.UUID
     model_id: uuid.UUID
     previous_model_id: uuid.UUID | None
-    actor: str | None
+    actor: str | None = Field(
+        description="Who: the name of the API key that activated it, or auto-promote for the promotion gate"
+    )
+    api_key_id: str | None = Field(None, description="The API key that activated it")
     reason: str | None
     job_id: uuid.UUID | None = Field(None, description="the job that caused the activation (auto-promotion)")
     created_at: UtcDatetime

@@ -292,6 +292,7 @@ def activate(
     actor: str | None = None,
     reason: str | None = None,
     job_id: uuid.UUID | None = None,
+    api_key_id: str | None = None,
 ) -> ActivationOutcome:
     """Put a `ready` model in service, log who, why and what it replaced, and queue its reindex (and, for a
     model without a threshold, an evaluate job that calibrates one on val).
@@ -309,6 +310,7 @@ def activate(
         model_id=model.id,
         previous_model_id=current.model_id if current is not None else None,
         actor=actor,
+        api_key_id=api_key_id,
         reason=reason,
         job_id=job_id,
     )
@@ -320,6 +322,7 @@ def activate(
         kind=JobKind.REINDEX,
         params=ReindexParams(model=model.id),
         parent_job_id=job_id,
+        created_by=api_key_id,
     )
     # A model that already embeds every face (a rollback) serves at once; its reindex then finds nothing.
     mark_embedded_if_complete(session, model.id)
@@ -331,6 +334,7 @@ def activate(
             kind=JobKind.EVALUATE,
             params=EvaluateParams(model=model.id, split=EvaluationSplit.VAL, calibrate=True),
             parent_job_id=job_id,
+            created_by=api_key_id,
         )
     return ActivationOutcome(activation, reindex)
 

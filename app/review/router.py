@@ -4,6 +4,8 @@ import uuid
 
 from fastapi import APIRouter, Response
 
+from app.auth.dependencies import requires
+from app.auth.scopes import Scope
 from app.deps import SessionDep, SettingsDep
 from app.problems import problem_doc
 from app.review import service
@@ -14,6 +16,7 @@ router = APIRouter(prefix="/review", tags=["review"])
 
 @router.post(
     "/leases",
+    dependencies=[requires(Scope.REVIEW)],
     response_model=ReviewPage,
     responses={
         409: problem_doc("No model serves yet (no-serving-model)"),
@@ -30,7 +33,12 @@ def lease_pairs(session: SessionDep, settings: SettingsDep, body: LeaseRequest |
     return service.lease_pairs(session=session, settings=settings, limit=limit)
 
 
-@router.delete("/leases/{lease_id}", status_code=204, responses={404: problem_doc("No such lease")})
+@router.delete(
+    "/leases/{lease_id}",
+    dependencies=[requires(Scope.REVIEW)],
+    status_code=204,
+    responses={404: problem_doc("No such lease")},
+)
 def skip_pair(lease_id: uuid.UUID, session: SessionDep) -> Response:
     """Skip a leased pair: the lease is released and the pair may be offered again."""
     service.release_lease(session=session, lease_id=lease_id)

@@ -2,6 +2,8 @@
 
 from fastapi import APIRouter
 
+from app.auth.dependencies import requires
+from app.auth.scopes import Scope
 from app.deps import SessionDep, SettingsDep
 from app.problems import problem_doc
 from app.search import service
@@ -12,6 +14,7 @@ router = APIRouter(prefix="/search", tags=["search"])
 
 @router.post(
     "",
+    dependencies=[requires(Scope.FACES_READ)],
     response_model=SearchResult,
     responses={
         404: problem_doc("No such face (unknown-face)"),

@@ -9,7 +9,7 @@ stops and names them, since which duplicate to keep (one may be active) is the o
 (app/erasures.py): an erase is recorded with the row's deletion and finished by the sweeper if need be.
 
 Revision ID: 2026_11_29_0005
-Revises: 2026_11_29_0003
+Revises: 2026_11_29_0004
 Create Date: 2026-11-29 15:00:00
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "2026_11_29_0005"
-down_revision: str | Sequence[str] | None = "2026_11_29_0003"
+down_revision: str | Sequence[str] | None = "2026_11_29_0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

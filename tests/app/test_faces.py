@@ -483,6 +483,7 @@ def test_a_page_of_faces_costs_the_same_queries_whatever_its_size(
         assert len(page["items"]) == limit and all(face["embedded"] for face in page["items"])
         return len(executed)
 
+    client.get("/v1/faces")  # the key's first use writes its last_used_at (once a minute), not a page's cost
     assert statements(2) == statements(12)
 
 

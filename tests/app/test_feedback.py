@@ -18,6 +18,7 @@ from app.migrate import upgrade_database
 from app.tables import Face, FeedbackPair, IdempotencyRecord
 from tests.app.factories import count_rows, insert_face
 from tests.app.problems import assert_problem
+from tests.keys import bearer, issue_test_key
 
 SPLITS = ("train", "val", "test")
 
@@ -455,7 +456,9 @@ def test_the_embedded_sqlite_database_behaves_the_same(tmp_path: Path, johns_dir
     upgrade_database(settings.database_url)
     images = sorted((johns_dir / "aligned_112").glob("*/*.png"))[:4]
 
-    with TestClient(create_app(settings, run_sweeper=False)) as client:
+    with TestClient(
+        create_app(settings, run_sweeper=False), headers=bearer(issue_test_key(settings.database_url))
+    ) as client:
         faces = [
             client.post("/v1/faces", files={"file": (p.name, p.read_bytes(), "image/png")}).json()["id"]
             for p in images
@@ -480,7 +483,9 @@ def test_the_embedded_sqlite_database_refuses_nul_too(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "embedded", broker_url="memory://")
     upgrade_database(settings.database_url)
 
-    with TestClient(create_app(settings, run_sweeper=False)) as client:
+    with TestClient(
+        create_app(settings, run_sweeper=False), headers=bearer(issue_test_key(settings.database_url))
+    ) as client:
         bad = pair(uuid.uuid4(), uuid.uuid4(), annotator="an\u0000n")
         body = assert_problem(client.post("/v1/feedback", json=bad), 422, "validation-error")
         assert [error["loc"] for error in body["errors"]] == [["body", "annotator"]]

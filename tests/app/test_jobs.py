@@ -17,6 +17,7 @@ from app.jobs.sweeper import start_background_sweeper, sweep_once
 from app.tables import Job
 from tests.app.factories import activate_directly, insert_job, insert_model, read_job
 from tests.app.problems import assert_problem
+from tests.keys import bearer, issue_test_key
 from tests.queues import QueueProbe
 from tests.services import CLOSED_PORT_BROKER
 
@@ -142,7 +143,8 @@ class TestCreateJob:
         from app.main import create_app
 
         down = settings.model_copy(update={"broker_url": CLOSED_PORT_BROKER})
-        with TestClient(create_app(down, run_sweeper=False)) as client:
+        key = issue_test_key(settings.database_url)
+        with TestClient(create_app(down, run_sweeper=False), headers=bearer(key)) as client:
             response = client.post("/v1/jobs", json={"kind": "reindex"})
 
         assert response.status_code == 202

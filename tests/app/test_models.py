@@ -31,6 +31,7 @@ from app.models.serving import mark_embedded_if_complete
 from app.tables import Activation, FaceEmbedding, Job, ModelVersion, utcnow
 from tests.app.factories import count_rows, insert_face, insert_job, insert_model
 from tests.app.problems import assert_problem
+from tests.keys import bearer, issue_test_key, key_id
 from tests.queues import QueueProbe
 
 
@@ -196,7 +197,8 @@ class TestRegister:
 
     def test_an_oversized_checkpoint_is_a_413_and_leaves_nothing(self, settings: Settings) -> None:
         small = settings.model_copy(update={"max_checkpoint_bytes": 1024})
-        with TestClient(create_app(small, run_sweeper=False)) as client:
+        key = issue_test_key(settings.database_url)
+        with TestClient(create_app(small, run_sweeper=False), headers=bearer(key)) as client:
             response = upload(client, state_dict_checkpoint())
 
         assert_problem(response, 413, "upload-too-large")
@@ -398,13 +400,14 @@ class TestActivate:
         assert_problem(response, 409, "model-not-ready")
         assert client.get("/v1/models/activations").json()["items"] == []
 
-    @pytest.mark.parametrize("field", ["actor", "reason"])
-    def test_an_actor_or_reason_holding_nul_is_refused(
-        self, client: TestClient, settings: Settings, broker: QueueProbe, field: str
+    @pytest.mark.parametrize(("field", "value"), [("reason", "o\u0000ps"), ("actor", "ops")])
+    def test_a_reason_holding_nul_or_a_self_declared_actor_is_refused(
+        self, client: TestClient, settings: Settings, broker: QueueProbe, field: str, value: str
     ) -> None:
+        """Who activated comes from the key, never from the body."""
         model = insert_model(settings)
 
-        response = client.post(f"/v1/models/{model}/activate", json={field: "o\u0000ps"})
+        response = client.post(f"/v1/models/{model}/activate", json={field: value})
 
         body = assert_problem(response, 422, "validation-error")
         assert [error["loc"] for error in body["errors"]] == [["body", field]]
@@ -412,18 +415,18 @@ class TestActivate:
         assert broker.sent_job_ids() == []
 
     def test_activation_is_logged_and_queues_a_reindex(
-        self, client: TestClient, settings: Settings, broker: QueueProbe
+        self, client: TestClient, settings: Settings, broker: QueueProbe, all_scopes_key: str
     ) -> None:
         first, second = insert_model(settings, threshold=0.4), insert_model(settings, threshold=0.5)
 
         one = client.post(f"/v1/models/{first}/activate")
-        two = client.post(f"/v1/models/{second}/activate", json={"reason": "better on test", "actor": "ops"})
+        two = client.post(f"/v1/models/{second}/activate", json={"reason": "better on test"})
         back = client.post(f"/v1/models/{first}/activate", json={"reason": "rollback"})
 
         assert one.status_code == two.status_code == back.status_code == 200
         assert one.json()["previous_model_id"] is None
         assert two.json()["previous_model_id"] == str(first)
-        assert two.json()["actor"] == "ops"
+        assert (two.json()["actor"], two.json()["api_key_id"]) == ("tests", key_id(all_scopes_key))
         assert back.json()["previous_model_id"] == str(second)
         reindex = client.get(f"/v1/jobs/{two.json()['reindex_job_id']}").json()
         assert reindex["kind"] == "reindex"

@@ -15,7 +15,18 @@ import httpx
 import pytest
 
 from tests.conftest import require
-from tests.e2e.services import RunningApi, ServiceProcess, free_port, magtune_command, service_environment
+from tests.e2e.services import (
+    FRONTEND_SCOPES,
+    OPERATOR_SCOPES,
+    RunningApi,
+    ServiceProcess,
+    client_with_key,
+    free_port,
+    magtune_command,
+    printed_admin_key,
+    service_environment,
+)
+from tests.keys import issue_test_key
 from tests.services import E2E_REDIS_DB, dedicated_redis, redis_available
 
 pytest.register_assert_rewrite("tests.e2e.flow")
@@ -116,7 +127,7 @@ def start_up(launch: Launch, timing_settings: dict[str, str]) -> Callable[[Path]
         process = launch("up", ["up", "--port", str(port), "--data-dir", str(data_dir)], timing_settings)
         url = f"http://127.0.0.1:{port}"
         process.wait_for_log(f"magtune api listening on {url}")
-        return RunningApi(url, process)
+        return RunningApi(url, process, printed_admin_key(process.log_text()))
 
     return start
 
@@ -155,6 +166,30 @@ def start_embed_worker(service_settings: dict[str, str], launch: Launch) -> Call
 
 
 @pytest.fixture
-def http(api: RunningApi) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api.url, timeout=60.0) as client:
+def issue_key(service_settings: dict[str, str]) -> Callable[..., str]:
+    """Issue a key with these scopes (every scope when none is named) in the services' database."""
+
+    def issue(*scopes: str, name: str = "e2e") -> str:
+        database_url = service_settings["MAGTUNE_DATABASE_URL"]
+        return issue_test_key(database_url, scopes, name=name) if scopes else issue_test_key(database_url)
+
+    return issue
+
+
+@pytest.fixture
+def http(api: RunningApi, issue_key: Callable[..., str]) -> Iterator[httpx.Client]:
+    """A client with a key of every scope, for tests about something else than access."""
+    with client_with_key(api.url, issue_key()) as client:
+        yield client
+
+
+@pytest.fixture
+def frontend_http(api: RunningApi, issue_key: Callable[..., str]) -> Iterator[httpx.Client]:
+    with client_with_key(api.url, issue_key(*FRONTEND_SCOPES, name="frontend")) as client:
+        yield client
+
+
+@pytest.fixture
+def operator_http(api: RunningApi, issue_key: Callable[..., str]) -> Iterator[httpx.Client]:
+    with client_with_key(api.url, issue_key(*OPERATOR_SCOPES, name="operator")) as client:
         yield client

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import subprocess
 import time
 from collections import Counter
@@ -204,12 +205,14 @@ def refresh_splits(http: httpx.Client, seeded: Seeded) -> Seeded:
 # Seeding with `magtune import`, as an operator with the seed's feedback files does.
 
 
-def _import(feedback_file: Path, api_url: str, *extra: str) -> dict[str, Any]:
+def _import(feedback_file: Path, api_url: str, api_key: str, *extra: str) -> dict[str, Any]:
+    """`magtune import` with the key in MAGTUNE_API_KEY, as the README has it."""
     done = subprocess.run(
         magtune_command("import", str(feedback_file), "--api", api_url, "--json", *extra),
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "MAGTUNE_API_KEY": api_key},
     )
     assert done.returncode == 0, f"magtune import failed:\n{done.stdout}\n{done.stderr}"
     return json.loads(done.stdout)
@@ -262,7 +265,10 @@ def seed_with_import_command(http: httpx.Client, johns_dir: Path, workdir: Path)
     crossing: dict[str, int] = {}
     for name, subset, extra in (("regression", in_regression, ("--regression",)), ("feedback", rest, ())):
         printed = _import(
-            _write_pairs(workdir / f"{name}.json", johns_dir, subset), str(http.base_url), *extra
+            _write_pairs(workdir / f"{name}.json", johns_dir, subset),
+            str(http.base_url),
+            http.headers["Authorization"].removeprefix("Bearer "),
+            *extra,
         )
         expected = _expected_import(plan, subset, stored, seen)
         crossing[name] = printed["pairs"].pop("cross")
@@ -333,9 +339,7 @@ def register_model(http: httpx.Client, checkpoint: Path, arch: str) -> dict[str,
 
 
 def activate(http: httpx.Client, model_id: str, reason: str) -> dict[str, Any]:
-    activation = ok(
-        http.post(f"/v1/models/{model_id}/activate", json={"reason": reason, "actor": "e2e"}), 200
-    )
+    activation = ok(http.post(f"/v1/models/{model_id}/activate", json={"reason": reason}), 200)
     assert activation["model_id"] == model_id
     assert ok(http.get("/v1/models/active"), 200)["id"] == model_id
     return activation

@@ -30,6 +30,30 @@ LOG_TAIL_CHARS = 20_000
 class RunningApi:
     url: str
     process: ServiceProcess
+    admin_key: str | None = None  # the key `magtune up` printed on its first start
+
+
+# The narrowest keys that suffice for the two users of the api: a frontend that uploads faces and posts
+# feedback (and reads the faces back), and an operator who registers models, runs jobs and reads metrics.
+FRONTEND_SCOPES = ("faces:read", "faces:write", "feedback:write")
+OPERATOR_SCOPES = (
+    "jobs:read",
+    "jobs:write",
+    "models:read",
+    "models:write",
+    "models:activate",
+    "metrics:read",
+)
+ADMIN_KEY_LINE = r"api key:\s+(mt_[0-9a-f]{16}_[A-Za-z0-9_-]{43})"
+
+
+def printed_admin_key(log: str) -> str | None:
+    match = re.search(ADMIN_KEY_LINE, log)
+    return match.group(1) if match else None
+
+
+def client_with_key(url: str, key: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=60.0, headers={"Authorization": f"Bearer {key}"})
 
 
 class ServiceFailed(AssertionError):

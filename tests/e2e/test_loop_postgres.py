@@ -15,14 +15,18 @@ pytestmark = pytest.mark.slow
 
 def test_feedback_loop_on_postgres_and_redis(
     api: RunningApi,
-    http: httpx.Client,
+    frontend_http: httpx.Client,
+    operator_http: httpx.Client,
     start_worker: Callable[[], ServiceProcess],
     johns_dir: Path,
     mobilefacenet_checkpoint: Path,
 ) -> None:
+    """The frontend's key uploads faces and posts feedback; the operator's key runs models and jobs."""
     worker = start_worker()
-    seeded = seed_over_http(http, johns_dir)
-    outcome = run_feedback_loop(http, seeded, mobilefacenet_checkpoint)
+    seeded = seed_over_http(frontend_http, johns_dir)
+    assert frontend_http.post("/v1/jobs", json={"kind": "finetune"}).status_code == 403
+    assert operator_http.post("/v1/feedback/batch", json={"items": []}).status_code == 403
+    outcome = run_feedback_loop(operator_http, seeded, mobilefacenet_checkpoint)
     print(json.dumps({"promoted": outcome["promoted"], "polls": outcome["polls"], "gate": outcome["gate"]}))
     for process in (api.process, worker):
         assert "Traceback" not in process.log_text(), f"{process.name} logged an error on the happy path"

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.tables import Face, FaceEmbedding
 from tests.e2e.flow import activate, ok, register_model, wait_embedded, wait_for_success
-from tests.e2e.services import RunningApi, ServiceProcess
+from tests.e2e.services import RunningApi, ServiceProcess, client_with_key
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +160,8 @@ def test_verify_and_search_on_the_embedded_default(
 ) -> None:
     data_dir = tmp_path / "data"
     up = start_up(data_dir)
-    with httpx.Client(base_url=up.url, timeout=60.0) as http:
+    assert up.admin_key is not None, "magtune up prints its admin key on first start"
+    with client_with_key(up.url, up.admin_key) as http:
         model = register_model(http, mobilefacenet_checkpoint, "mobilefacenet")
         wait_for_success(http, activate(http, model["id"], "base")["reindex_job_id"])
         faces = _upload_people(http, johns_dir)

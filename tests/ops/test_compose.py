@@ -3,6 +3,7 @@ outside Docker against the local PostgreSQL and Redis, exactly as the compose fi
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -318,6 +319,46 @@ def test_serve_command_answers_health_and_readiness(
         api.wait_for_http(f"http://127.0.0.1:{port}/healthz")
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
         assert not _loads_torch(api.pid), "the api must not import torch"
+
+
+def test_a_key_made_with_the_compose_command_opens_the_served_api(
+    compose: dict[str, Any], postgres_database: str, redis_broker: str, tmp_path: Path
+) -> None:
+    """The README's first key (`docker compose run --rm api magtune keys create ...`), without Docker."""
+    settings = _migrated_settings(compose, postgres_database, redis_broker, tmp_path)
+    keys_create = {"command": ["magtune", "keys", "create", "--name", "admin", "--scopes", "admin", "--json"]}
+    created = _run(keys_create, settings, tmp_path)
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)["key"]
+    port = free_port()
+    args = _listen_locally(_command(compose["services"]["api"]), port)
+    with ServiceProcess("api", args, service_environment(settings), tmp_path) as api:
+        api.wait_for_http(f"http://127.0.0.1:{port}/healthz")
+        url = f"http://127.0.0.1:{port}/v1/keys"
+        assert httpx.get(url, timeout=10).status_code == 401
+        answer = httpx.get(url, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        assert answer.status_code == 200 and [k["name"] for k in answer.json()["items"]] == ["admin"]
+
+
+def test_the_compose_api_refuses_to_run_with_auth_off(compose: dict[str, Any], tmp_path: Path) -> None:
+    """It listens on 0.0.0.0: auth may be off only on loopback."""
+    settings = {"MAGTUNE_AUTH_DISABLED": "true", "MAGTUNE_DATA_DIR": str(tmp_path / "data")}
+    done = _run(compose["services"]["api"], settings, tmp_path)
+    assert done.returncode == 2
+    assert "only on a loopback address" in done.stderr
+
+
+def test_cors_origins_in_the_compose_file_parse_as_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.config import Settings
+
+    monkeypatch.setenv(
+        "MAGTUNE_CORS_ORIGINS", _interpolate(str(compose["x-magtune-env"]["MAGTUNE_CORS_ORIGINS"]))
+    )
+    assert Settings().cors_origins == []
+    monkeypatch.setenv("MAGTUNE_CORS_ORIGINS", '["https://labels.example.org"]')
+    assert Settings().cors_origins == ["https://labels.example.org"]
 
 
 def _loads_torch(pid: int) -> bool:

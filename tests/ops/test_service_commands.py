@@ -25,6 +25,7 @@ from app.db import get_engine, session_scope
 from app.tables import Job
 from tests.conftest import require
 from tests.e2e.services import ServiceProcess, free_port, magtune_command, service_environment
+from tests.keys import issue_test_key
 from tests.services import SWEEP_REDIS_DB, dedicated_redis, redis_available
 from worker.cli import build_parser, service_commands
 
@@ -50,6 +51,7 @@ COMMANDS = {
     "sweep",
     "import",
     "reindex",
+    "keys",
     "finetune",
     "evaluate",
     "validate",
@@ -146,8 +148,15 @@ def test_import_skips_the_pairs_of_a_refused_image(migrated_database: str, tmp_p
     ) as api:
         api.wait_for_http(f"http://127.0.0.1:{port}/healthz")
         feedback = _write(tmp_path / "pairs.json", rows)
-        done = _magtune("import", str(feedback), "--api", f"http://127.0.0.1:{port}", "--json", cwd=tmp_path)
-        stored = httpx.get(f"http://127.0.0.1:{port}/v1/feedback", params={"split": "cross"}).json()
+        key = issue_test_key(migrated_database, ["faces:write", "feedback:write", "feedback:read"])
+        url = f"http://127.0.0.1:{port}"
+        keyless = _magtune("import", str(feedback), "--api", url, "--json", cwd=tmp_path)
+        done = _magtune("import", str(feedback), "--api", url, "--json", "--api-key", key, cwd=tmp_path)
+        stored = httpx.get(
+            f"{url}/v1/feedback", params={"split": "cross"}, headers={"Authorization": f"Bearer {key}"}
+        ).json()
+    assert keyless.returncode == 2 and keyless.stdout == ""
+    assert "401" in keyless.stderr and "set MAGTUNE_API_KEY or pass --api-key" in keyless.stderr
     assert done.returncode == 1, "something was refused"
     result = json.loads(done.stdout)
     assert result["faces"] == {"created": 3, "existing": 0, "rejected": 1}
@@ -170,7 +179,9 @@ def test_every_command_but_the_long_running_ones_takes_json() -> None:
     takes_json = {
         name for name, sub in commands.items() if any("--json" in a.option_strings for a in sub._actions)
     }
-    assert set(commands) - takes_json == {"up", "serve", "worker"}
+    assert set(commands) - takes_json == {"up", "serve", "worker", "keys"}
+    keys = commands["keys"]._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert all(any("--json" in a.option_strings for a in sub._actions) for sub in keys.values())
     assert {"migrate", "sweep"} <= takes_json
 
 
@@ -210,9 +221,9 @@ def test_up_prints_where_everything_is_last_once_every_process_is_ready(tmp_path
     api_url = f"http://127.0.0.1:{port}"
     args = ["up", "--port", str(port), "--data-dir", str(data_dir)]
     with ServiceProcess("up", args, service_environment({}), tmp_path) as up:
-        up.wait_for_log(r"\n  broker: +\S+", timeout_s=120)
+        up.wait_for_log(r"\n  saved in: +\S+", timeout_s=120)
         time.sleep(2.0)  # anything either child printed after the summary would show now
-        tail = [line for line in up.log_text().splitlines() if line.strip()][-5:]
+        tail = [line for line in up.log_text().splitlines() if line.strip()][-7:]
         docs = httpx.get(f"{api_url}/docs", timeout=10.0)
         assert up.stop(signal.SIGINT, timeout_s=60) == 0
     assert tail[0] == (
@@ -223,7 +234,11 @@ def test_up_prints_where_everything_is_last_once_every_process_is_ready(tmp_path
         ["data:", str(data_dir.resolve())],
         ["database:", f"sqlite:///{data_dir.resolve() / 'magtune.db'}"],
         ["broker:", f"sqla+sqlite:///{data_dir.resolve() / 'broker.db'}"],
+        ["api", "key:"],
+        ["saved", "in:"],
     ]
+    key = (data_dir / "admin-key").read_text().strip()
+    assert tail[5].split()[2] == key and tail[6].split()[2] == str((data_dir / "admin-key").resolve())
     log = up.log_text()
     assert re.search(r"celery@\S+ ready\.", log), "the gpu worker's own log is relayed"
     assert re.search(r"embed@\S+ ready\.", log), "the embed worker's own log is relayed"

@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from worker.cli import ml_commands, service_commands
+from worker.cli import key_commands, ml_commands, service_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     service_commands.register(commands)
+    key_commands.register(commands)
     ml_commands.register(commands)
     return parser
 

@@ -9,8 +9,10 @@ others are stopped and `up` exits non-zero.
 
 Start-up is in order, so that a failure stops it early and the last thing printed says where everything is:
 the port is checked first (a busy port is one line and exit 2, with nothing started: no second worker joins
-another instance's broker), then the database is migrated, the api started and awaited on /readyz, then each
-worker started and awaited until Celery says it is ready, and only then the summary is printed.
+another instance's broker), then the database is migrated (and, on first start, the admin key created: every
+scope, written to <data dir>/admin-key with mode 0600, shown once in the summary), the api started and
+awaited on /readyz, then each worker started and awaited until Celery says it is ready, and only then the
+summary is printed.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class Where:
     database: str
     broker: str
     embed_queue: str = "embed"
+    admin_key_path: Path | None = None  # None: auth is disabled
+    new_admin_key: str | None = None  # the key, when this start created it
 
 
 def run_embedded(*, host: str, port: int, data_dir: str | None, stop_timeout_s: float) -> int:
@@ -138,6 +142,13 @@ def summary(api_url: str, where: Where) -> str:
         ("database", where.database),
         ("broker", where.broker),
     ]
+    if where.admin_key_path is None:
+        rows.append(("api key", "none needed: MAGTUNE_AUTH_DISABLED=true (loopback only)"))
+    elif where.new_admin_key is not None:
+        rows.append(("api key", f"{where.new_admin_key} (admin, every scope; shown this once)"))
+        rows.append(("saved in", f"{where.admin_key_path} (mode 0600)"))
+    else:
+        rows.append(("api key", f"the admin key in {where.admin_key_path} (created on first start)"))
     lines = [f"magtune api listening on {api_url}; the gpu and embed workers are ready; Ctrl-C stops all"]
     lines += [f"  {name + ':':<10}{value}" for name, value in rows]
     return "\n".join(lines)
@@ -154,6 +165,7 @@ def redacted(url: str) -> str:
 
 def _prepare_database() -> Where:
     """Migrate before anything serves; returns where the data lives."""
+    from app.auth.startup import ensure_admin_key
     from app.config import Settings
     from app.migrate import upgrade_database
 
@@ -162,11 +174,14 @@ def _prepare_database() -> Where:
     # The children resolve the data directory exactly as this process did, whatever their working directory.
     os.environ["MAGTUNE_DATA_DIR"] = str(settings.data_dir.resolve())
     upgrade_database(settings.database_url)
+    admin = None if settings.auth_disabled else ensure_admin_key(settings)
     return Where(
         settings.data_dir.resolve(),
         redacted(settings.database_url),
         redacted(settings.broker_url),
         settings.embed_queue_name,
+        admin.path.resolve() if admin is not None else None,
+        admin.secret if admin is not None else None,
     )
 
 

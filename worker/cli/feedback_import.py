@@ -89,13 +89,14 @@ def import_feedback(
     annotator: str | None = None,
     chunk_size: int = 1000,
     timeout_s: float = 120.0,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     if chunk_size < 1:
         raise CommandError("--chunk-size must be at least 1")
     path = Path(feedback_json)
     pairs = read_seed_pairs(path)
     images = sorted({image for pair in pairs for image in (pair.image1, pair.image2)})
-    client = ApiClient(api_url, timeout_s)
+    client = ApiClient(api_url, timeout_s, api_key)
     face_ids, face_counts, rejections = upload_faces(client, images, source=source)
     split = FeedbackSplit.REGRESSION if regression else None
     items: list[dict[str, Any]] = []

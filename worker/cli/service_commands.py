@@ -17,6 +17,7 @@ from typing import Any
 from worker.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CommandError, emit, error
 
 DEFAULT_HOST = "127.0.0.1"
+API_KEY_ENV = "MAGTUNE_API_KEY"
 DEFAULT_PORT = 8000
 API_APP = "app.main:create_app"
 
@@ -29,6 +30,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_sweep(subparsers)
     _register_import(subparsers)
     _register_reindex(subparsers)
+
+
+def _add_key_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"the API key to send (default: ${API_KEY_ENV}); prefer the variable: options show in `ps`",
+    )
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def _refuse_unsafe_bind(command: str, host: str) -> bool:
+    """True (after saying why) when auth is off and `host` is not loopback."""
+    from app.auth.startup import refuse_unsafe_bind
+    from app.config import Settings
+
+    why = refuse_unsafe_bind(Settings(), host)
+    if why is not None:
+        error(command, why)
+    return why is not None
 
 
 def _add_listen_options(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +86,8 @@ def _register_up(subparsers: argparse._SubParsersAction) -> None:
 def run_up(args: argparse.Namespace) -> int:
     from worker.cli.embedded import run_embedded
 
+    if _refuse_unsafe_bind("up", args.host):
+        return EXIT_BAD_INPUT
     return run_embedded(
         host=args.host, port=args.port, data_dir=args.data_dir, stop_timeout_s=args.stop_timeout
     )
@@ -116,6 +143,8 @@ API_BLAS_THREADS = "1"
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if _refuse_unsafe_bind("serve", args.host):
+        return EXIT_BAD_INPUT
     os.environ.setdefault("OPENBLAS_NUM_THREADS", API_BLAS_THREADS)  # read when numpy loads, later than this
     from app.memory import return_large_blocks_to_the_os
 
@@ -244,6 +273,7 @@ def _register_import(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--source", default="magtune import", help="source recorded on faces and pairs")
     parser.add_argument("--annotator", help="annotator recorded on the pairs")
     parser.add_argument("--chunk-size", type=int, default=1000, help="pairs per batch request (default 1000)")
+    _add_key_option(parser)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=run_import)
@@ -262,6 +292,7 @@ def run_import(args: argparse.Namespace) -> int:
             annotator=args.annotator,
             chunk_size=args.chunk_size,
             timeout_s=args.timeout,
+            api_key=api_key(args),
         )
     except (CommandError, OSError) as exc:
         error(args.command, str(exc))
@@ -300,6 +331,7 @@ def _register_reindex(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", metavar="ID", help="the model to embed with (default: the active one)")
     parser.add_argument("--wait", action="store_true", help="poll the job until it finishes")
     parser.add_argument("--poll-interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    _add_key_option(parser)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
     parser.add_argument("--json", action="store_true", help="print the job as JSON")
     parser.set_defaults(handler=run_reindex)
@@ -311,7 +343,7 @@ def run_reindex(args: argparse.Namespace) -> int:
     from worker.cli.api_client import ApiClient, ApiRefused
     from worker.cli.job_follow import follow_job
 
-    client = ApiClient(args.api, args.timeout)
+    client = ApiClient(args.api, args.timeout, api_key(args))
     params = {"model": args.model} if args.model else {}
     try:
         _status, job = client.post_json("/v1/jobs", {"kind": JobKind.REINDEX, "params": params})

@@ -1,0 +1,149 @@
+"""The scope each route needs, declared on the route itself, and the check behind it.
+
+Every route declares exactly one of:
+- `dependencies=[requires(Scope.X)]`: a valid key holding scope X (`admin` is the keys' own scope and
+  implies no other);
+- `dependencies=[open_route()]`: no key (health probes, docs).
+`route_access(route)` reads the declaration back; the app-wide `guard_undeclared` dependency makes a route
+that declares neither need `admin`, so a forgotten declaration is a closed door (and
+tests/app/test_auth_matrix.py fails on it). The OpenAPI document shows the bearer scheme and, per
+operation, the scope (its security requirement's scope list, and `x-required-scope`).
+"""
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.params import Depends as DependsParam
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.auth.keys import Caller, LastUsed, unauthenticated, verify_key
+from app.auth.limits import WriteLimiter
+from app.auth.scopes import Scope
+from app.deps import SessionDep, SettingsDep
+from app.problems import Problem
+
+BEARER_SCHEME = "apiKey"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Routes that are not FastAPI operations and are open by declaration: the OpenAPI document and the docs'
+# static files (the docs pages themselves are APIRoutes declared with open_route()).
+OPEN_PATHS = frozenset({"/openapi.json", "/docs-assets"})
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name=BEARER_SCHEME,
+    bearerFormat="mt_<id>_<secret>",
+    description="An API key: `Authorization: Bearer mt_<id>_<secret>`. Each operation names the scope it "
+    "needs.",
+)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+OPEN = "open"
+
+
+def _auth_state(request: Request) -> tuple[LastUsed, WriteLimiter]:
+    return request.app.state.last_used, request.app.state.write_limiter
+
+
+def _bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def authorize(request: Request, session: SessionDep, settings: SettingsDep, scope: Scope) -> Caller | None:
+    """The caller, when its key is valid and holds `scope`: else 401, 403 or (a write over its rate) 429."""
+    if settings.auth_disabled:
+        request.state.caller = None
+        return None
+    cached: Caller | None = getattr(request.state, "caller", None)
+    if cached is None:
+        token = _bearer_token(request)
+        if token is None:
+            raise unauthenticated("no key: send Authorization: Bearer <key>")
+        last_used, _limiter = _auth_state(request)
+        cached = verify_key(session, token, last_used)
+        request.state.caller = cached
+    if scope not in cached.scopes:
+        raise Problem(
+            403,
+            "insufficient-scope",
+            "Insufficient scope",
+            f"this operation needs scope {scope.value}; key {cached.key_id} does not hold it",
+            scope=scope.value,
+        )
+    if request.method in WRITE_METHODS and not scope.value.endswith(":read"):  # verify/search read
+        _last_used, limiter = _auth_state(request)
+        wait_s = limiter.take(cached.key_id)
+        if wait_s > 0:
+            raise Problem(
+                429,
+                "rate-limited",
+                "Too many writes",
+                f"key {cached.key_id} is over its write rate "
+                f"({settings.write_rate_per_s:g}/s per api process)",
+                headers={"Retry-After": str(max(1, round(wait_s + 0.5)))},
+            )
+    return cached
+
+
+class ScopeRequirement:
+    """The dependency behind `requires(scope)`; `scope` is read back by route_access."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    def __call__(
+        self, request: Request, session: SessionDep, settings: SettingsDep, _credentials: Credentials
+    ) -> Caller | None:
+        # `_credentials` only puts the bearer scheme, with this scope, into the OpenAPI document.
+        return authorize(request, session, settings, self.scope)
+
+
+def requires(scope: Scope) -> Any:
+    """Declare on a route: `dependencies=[requires(Scope.FACES_READ)]`."""
+    return Security(ScopeRequirement(scope), scopes=[scope.value])
+
+
+def _open() -> None:
+    """Marker of a route that needs no key."""
+
+
+def open_route() -> Any:
+    """Declare on a route that needs no key: `dependencies=[open_route()]`."""
+    return Depends(_open)
+
+
+def route_access(route: Any) -> list[Scope | str]:
+    """Every declaration on a route (an APIRoute or a RouteContext): its scopes and OPEN markers (exactly one
+    is expected)."""
+    found: list[Scope | str] = []
+    for depends in getattr(route, "dependencies", None) or ():
+        if not isinstance(depends, DependsParam):
+            continue
+        if isinstance(depends.dependency, ScopeRequirement):
+            found.append(depends.dependency.scope)
+        elif depends.dependency is _open:
+            found.append(OPEN)
+    return found
+
+
+async def guard_undeclared(request: Request, session: SessionDep, settings: SettingsDep) -> None:
+    """App-wide: a route that declares no access at all needs `admin` instead of being open.
+
+    Async, so the declared routes (all of them, normally) pay no thread hop for it.
+    """
+    route = request.scope.get("route")
+    if isinstance(route, APIRoute) and not route_access(route):
+        await run_in_threadpool(authorize, request, session, settings, Scope.ADMIN)
+
+
+async def current_caller(request: Request) -> Caller | None:
+    """The key the request was authorized with (None with auth disabled); set by the route's scope check."""
+    return getattr(request.state, "caller", None)
+
+
+CallerDep = Annotated[Caller | None, Depends(current_caller)]
+
+
+def caller_id(caller: Caller | None) -> str | None:
+    return caller.key_id if caller is not None else None

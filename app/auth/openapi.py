@@ -1,0 +1,38 @@
+"""The OpenAPI document says, per operation, the scope it needs and the 401/403/429 answers it may give."""
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.auth.dependencies import OPEN
+from app.auth.routes import operations
+from app.problems import problem_doc
+
+
+def install(app: FastAPI) -> None:
+    """Wrap `app.openapi`: `x-required-scope` on each operation that needs a key, `security: []` on open ones
+    (the bearer scheme and the scope in each operation's `security` come from FastAPI itself)."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = plain()
+        paths = schema.get("paths", {})
+        for declared in operations(app):
+            operation = paths.get(declared.path, {}).get(declared.method.lower())
+            if operation is None:
+                continue
+            if declared.access == (OPEN,):
+                operation["security"] = []
+                continue
+            scope = str(declared.access[0]) if len(declared.access) == 1 else "admin"
+            operation["x-required-scope"] = scope
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("401", problem_doc("No valid key (unauthenticated), with WWW-Authenticate"))
+            responses.setdefault("403", problem_doc(f"The key lacks scope {scope} (insufficient-scope)"))
+            responses.setdefault("429", problem_doc("Over the key's write rate or job cap, with Retry-After"))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

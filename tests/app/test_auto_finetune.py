@@ -19,6 +19,7 @@ from app.main import create_app
 from app.migrate import upgrade_database
 from app.tables import Job, utcnow
 from tests.app.factories import activate_directly, insert_face, insert_model
+from tests.keys import bearer, issue_test_key
 
 AFTER = 6
 PARAMS = {"epochs": 1, "learning_rate": 3e-4, "freeze_stem": True}
@@ -37,7 +38,8 @@ def policy_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 @pytest.fixture
 def clients(policy_settings: Settings) -> Iterator[list[TestClient]]:
     """Two api apps on the same database, as two api processes would be."""
-    apps = [TestClient(create_app(policy_settings, run_sweeper=False)) for _ in range(2)]
+    headers = bearer(issue_test_key(policy_settings.database_url))
+    apps = [TestClient(create_app(policy_settings, run_sweeper=False), headers=headers) for _ in range(2)]
     yield [app.__enter__() for app in apps]
     for app in apps:
         app.__exit__(None, None, None)
@@ -139,13 +141,14 @@ def test_one_fine_tune_is_queued_once_enough_training_labels_arrived(
     assert _sweep_concurrently(settings) == [] and len(_finetunes(settings)) == 2
 
 
-def test_the_policy_is_off_by_default_and_waits_for_an_active_model(settings: Settings) -> None:
+def test_the_policy_is_off_by_default_and_waits_for_an_active_model(
+    settings: Settings, client: TestClient
+) -> None:
     assert Settings().auto_finetune_after_labels == 0
     train = [insert_face(settings, split="train") for _ in range(4)]
-    with TestClient(create_app(settings, run_sweeper=False)) as client:
-        for a, b in itertools.combinations(train, 2):
-            body = {"face_a": str(a), "face_b": str(b), "label": 0}
-            assert client.post("/v1/feedback", json=body).status_code == 201
+    for a, b in itertools.combinations(train, 2):
+        body = {"face_a": str(a), "face_b": str(b), "label": 0}
+        assert client.post("/v1/feedback", json=body).status_code == 201
     assert sweep_once(settings).auto_finetune == [] and _finetunes(settings) == []
     due = settings.model_copy(update={"auto_finetune_after_labels": 3})
     assert sweep_once(due).auto_finetune == [], "no active model: nothing to fine-tune"

@@ -22,6 +22,7 @@ from app.main import create_app
 from app.tables import Face, ModelVersion
 from tests.app.factories import count_rows
 from tests.app.problems import assert_problem
+from tests.keys import bearer, issue_test_key
 from tests.services import POSTGRES_ADMIN_URL, fresh_postgres_database
 
 CLOSED_PORT_DATABASE = "postgresql+psycopg://root@127.0.0.1:1/magtune?connect_timeout=2"
@@ -42,7 +43,9 @@ def assert_database_unavailable(response: object) -> None:
 def test_a_database_that_refuses_connections_is_a_503_on_every_route(settings: Settings) -> None:
     down = settings.model_copy(update={"database_url": CLOSED_PORT_DATABASE})
     face = str(uuid.uuid4())
-    with TestClient(create_app(down, run_sweeper=False)) as client:
+    # A well-formed key: checking it is the first thing that needs the database.
+    key = "mt_" + "0" * 16 + "_" + "A" * 43
+    with TestClient(create_app(down, run_sweeper=False), headers=bearer(key)) as client:
         responses = [
             client.get("/v1/faces"),
             client.get(f"/v1/faces/{face}"),
@@ -79,7 +82,8 @@ def test_an_outage_during_traffic_is_a_503_and_the_api_recovers_on_its_own(
     settings: Settings, own_database: str
 ) -> None:
     own = settings.model_copy(update={"database_url": own_database})
-    with TestClient(create_app(own, run_sweeper=False)) as client:
+    key = issue_test_key(own_database)
+    with TestClient(create_app(own, run_sweeper=False), headers=bearer(key)) as client:
         assert client.get("/v1/faces").status_code == 200  # the pool holds a live connection now
 
         _allow_connections(own_database, False)
@@ -103,8 +107,10 @@ def unwritable(settings: Settings, tmp_path: Path) -> Settings:
     return settings.model_copy(update={"data_dir": blocker})
 
 
-def test_an_unwritable_blob_store_is_a_503_and_keeps_nothing(unwritable: Settings) -> None:
-    with TestClient(create_app(unwritable, run_sweeper=False)) as client:
+def test_an_unwritable_blob_store_is_a_503_and_keeps_nothing(
+    unwritable: Settings, all_scopes_key: str
+) -> None:
+    with TestClient(create_app(unwritable, run_sweeper=False), headers=bearer(all_scopes_key)) as client:
         face = client.post("/v1/faces", files={"file": ("f.png", png())})
         model = client.post("/v1/models", files={"file": ("m.pt", b"PK\x03\x04")}, data={"arch": "iresnet18"})
         ready = client.get("/readyz")
@@ -118,7 +124,7 @@ def test_an_unwritable_blob_store_is_a_503_and_keeps_nothing(unwritable: Setting
 
 
 def test_an_unexpected_failure_is_a_500_problem_that_tells_nothing_and_is_logged(
-    settings: Settings, caplog: pytest.LogCaptureFixture
+    settings: Settings, caplog: pytest.LogCaptureFixture, all_scopes_key: str
 ) -> None:
     app = create_app(settings, run_sweeper=False)
 
@@ -128,7 +134,7 @@ def test_an_unexpected_failure_is_a_500_problem_that_tells_nothing_and_is_logged
 
     with (
         caplog.at_level(logging.ERROR, logger="app.failures"),
-        TestClient(app, raise_server_exceptions=False) as client,
+        TestClient(app, raise_server_exceptions=False, headers=bearer(all_scopes_key)) as client,
     ):
         response = client.get("/v1/explode")
 
@@ -158,7 +164,7 @@ def test_the_document_describes_every_error_as_a_problem(client: TestClient) -> 
 
 
 def test_a_client_leaving_mid_upload_leaves_no_error_in_the_log_and_no_file(
-    settings: Settings, caplog: pytest.LogCaptureFixture
+    settings: Settings, caplog: pytest.LogCaptureFixture, all_scopes_key: str
 ) -> None:
     """Driven at the ASGI level: the body's first part arrives, then the disconnect."""
     import asyncio
@@ -179,7 +185,10 @@ def test_a_client_leaving_mid_upload_leaves_no_error_in_the_log_and_no_file(
         "raw_path": b"/v1/faces",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"multipart/form-data; boundary=cut")],
+        "headers": [
+            (b"content-type", b"multipart/form-data; boundary=cut"),
+            (b"authorization", f"Bearer {all_scopes_key}".encode()),
+        ],
         "client": ("127.0.0.1", 5000),
         "server": ("127.0.0.1", 8000),
         "app": app,

@@ -37,7 +37,7 @@ CHECK_CONSTRAINTS = {
     "review_leases": {"ck_review_leases_distinct_faces", "ck_review_leases_split"},
 }
 BEFORE_NAMED_CONSTRAINTS = "2026_11_28_0001"
-BEFORE_UNIQUE_MODELS = "2026_11_29_0003"
+BEFORE_UNIQUE_MODELS = "2026_11_29_0004"
 
 
 @pytest.fixture

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     review_explore_share: float = Field(default=0.1, ge=0, le=1)  # training pairs drawn at random
     review_val_share: float = Field(default=0.1, ge=0, le=1)  # steady share of val pairs on every page
     review_evidence_max_share: float = Field(default=0.5, ge=0, le=1)  # cap on test pairs the gate needs
+    # val pairs the queue gathers first (app/evidence.py val_needed): a fine-tune needs both labels in val
+    review_min_val_same: int = Field(default=10, ge=0)
+    review_min_val_different: int = Field(default=10, ge=0)
     review_seed: int | None = None  # fixed: the same stored state gives the same page (tests, benches)
 
     @field_validator("split_fractions")

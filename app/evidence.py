@@ -73,6 +73,21 @@ def evidence_needed(counts: EvidenceCounts, minimums: EvidenceMinimums) -> dict[
     return needed
 
 
+def val_needed(counts: EvidenceCounts, settings: Settings) -> dict[str, dict[str, int]]:
+    """Val labels still missing for a fine-tune to run well: `{"val": {"same": n, "different": m}}` or `{}`.
+
+    A fine-tune refuses to start without both labels in `val` (they pick its epoch and calibrate its
+    threshold), and a threshold calibrated on two or three positives is noise; the review queue fills these
+    as it fills the gate's test needs.
+    """
+    missing = {
+        "same": max(0, settings.review_min_val_same - counts.val_same),
+        "different": max(0, settings.review_min_val_different - counts.val_different),
+    }
+    missing = {kind: n for kind, n in missing.items() if n}
+    return {FeedbackSplit.VAL.value: missing} if missing else {}
+
+
 def count_evidence(session: Session) -> EvidenceCounts:
     """The stored feedback pairs of the evaluation sets (one grouped query on `ix_feedback_split_label`)."""
     wanted = (FeedbackSplit.TEST, FeedbackSplit.VAL, FeedbackSplit.REGRESSION)

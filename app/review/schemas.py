@@ -46,5 +46,6 @@ class ReviewPage(BaseModel):
         description="pairs this page aimed at per split (fewer when none was left)"
     )
     evidence_needed: dict[str, dict[str, int]] = Field(
-        description="labels the promotion gate still needs, by split and kind (app/evidence.py)"
+        description="labels still needed, by split and kind: test (and regression) for the promotion gate, "
+        "val for a fine-tune to calibrate on (app/evidence.py)"
     )

@@ -73,18 +73,26 @@ def page_shares(
 ) -> dict[str, int]:
     """Pairs per split on a page of `limit`.
 
-    `test` gets what the gate still needs (`app.evidence.evidence_needed`), capped at
-    `evidence_max_share` of the page; `val` gets a steady `val_share` (rounded, at least 1 on pages of 5 or
-    more while the share is positive) so that calibration stays fresh; `train` the rest.
+    The evaluation sets first get what they still need (`needed`: `test` for the promotion gate, `val` for
+    a fine-tune to pick its epoch and calibrate its threshold; `app.evidence`), together at most
+    `evidence_max_share` of the page, shared in proportion to their needs. `val` also gets a steady
+    `val_share` (rounded, at least 1 on pages of 5 or more while the share is positive) so that calibration
+    stays fresh; `train` the rest.
     """
     test_needed = sum(needed.get(FaceSplit.TEST.value, {}).values())
-    test = min(test_needed, math.floor(limit * evidence_max_share))
+    val_needed = sum(needed.get(FaceSplit.VAL.value, {}).values())
+    cap = math.floor(limit * evidence_max_share)
+    if test_needed + val_needed <= cap:
+        test, val_for_need = test_needed, val_needed
+    else:
+        test = round(cap * test_needed / (test_needed + val_needed))
+        val_for_need = cap - test
     if test_needed and test == 0 and evidence_max_share > 0:
         test = 1
-    val = round(limit * val_share)
-    if val == 0 and val_share > 0 and limit >= 5:
-        val = 1
-    val = min(val, limit - test)
+    steady = round(limit * val_share)
+    if steady == 0 and val_share > 0 and limit >= 5:
+        steady = 1
+    val = min(max(val_for_need, steady), limit - test)
     return {FaceSplit.TRAIN.value: limit - test - val, FaceSplit.VAL.value: val, FaceSplit.TEST.value: test}
 
 

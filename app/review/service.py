@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.domain import FaceSplit
 from app.embeddings import require_serving_model
-from app.evidence import EvidenceMinimums, count_evidence, evidence_needed
+from app.evidence import EvidenceMinimums, count_evidence, evidence_needed, val_needed
 from app.problems import Problem
 from app.review import selection
 from app.review.schemas import ReviewFace, ReviewPage, ReviewPair
@@ -68,7 +68,8 @@ def lease_pairs(*, session: Session, settings: Settings, limit: int) -> ReviewPa
     threshold = model.threshold if model.threshold is not None else FALLBACK_THRESHOLD
     rng = random.Random(settings.review_seed) if settings.review_seed is not None else random.Random()
     now = utcnow()
-    needed = evidence_needed(count_evidence(session), EvidenceMinimums.from_settings(settings))
+    counts = count_evidence(session)
+    needed = evidence_needed(counts, EvidenceMinimums.from_settings(settings)) | val_needed(counts, settings)
     shares = selection.page_shares(
         limit,
         needed=needed,

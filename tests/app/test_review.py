@@ -90,8 +90,11 @@ def test_a_page_offers_only_eligible_diverse_pairs(seeded: TestClient, settings:
     subjects = Counter(s for item in items for s in {item["face_a"]["subject"], item["face_b"]["subject"]})
     assert len(subjects) >= 6  # spread over most of the 8 subjects
     # the gate needs test pairs (20 + 20 by default): the page gives test its capped share, val a steady one
-    assert page["shares"] == {"train": 8, "val": 2, "test": 10}
+    # Test needs 40 for the gate and val 16 for calibration (it holds 4 same pairs of the 10 it wants);
+    # together they take the evaluation cap (half the page) in proportion: 7 and 3.
     assert page["evidence_needed"]["test"] == {"same": 20, "different": 20}
+    assert page["evidence_needed"]["val"] == {"same": 6, "different": 10}
+    assert page["shares"] == {"train": 10, "val": 3, "test": 7}
     assert Counter(item["split"] for item in items) == Counter(page["shares"])
     assert count_rows(settings, ReviewLease) == 20
 

@@ -46,6 +46,13 @@ def pairs_over(
         (20, {}, {"train": 18, "val": 2, "test": 0}),
         (3, {}, {"train": 3, "val": 0, "test": 0}),
         (1, {"test": {"different": 5}}, {"train": 0, "val": 0, "test": 1}),
+        # val's need and test's share the evaluation cap (10 of 20) in proportion: 20 against 20
+        (
+            20,
+            {"test": {"same": 20}, "val": {"same": 10, "different": 10}},
+            {"train": 10, "val": 5, "test": 5},
+        ),
+        (20, {"val": {"same": 3}}, {"train": 17, "val": 3, "test": 0}),
     ],
 )
 def test_page_shares_fill_what_the_gate_needs_first(limit: int, needed: dict, expected: dict) -> None:

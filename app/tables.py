@@ -329,6 +329,8 @@ class ReviewLease(Base):
     split: Mapped[FaceSplit] = mapped_column(enum_type(FaceSplit, 16))
     reason: Mapped[str] = mapped_column(String(32))
     score: Mapped[float] = mapped_column(Float)
+    # The API key the pair was leased to: only it may answer or skip (null with auth off).
+    api_key_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
 

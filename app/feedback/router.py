@@ -42,7 +42,8 @@ def _endpoint(name: str, caller_key: str | None) -> str:
         200: {"model": FeedbackOut, "description": "The pair was recorded before with the same label"},
         409: problem_doc(
             "The pair has another label (conflicting-label), the Idempotency-Key was reused, or `lease_id` "
-            "names no live lease (unknown-lease, lease-expired) or one holding another pair (lease-mismatch)"
+            "names no live lease (unknown-lease, lease-expired), one holding another pair "
+            "(lease-mismatch) or one given to another API key (lease-not-yours)"
         ),
         422: problem_doc("Invalid body, unknown face, or a face paired with itself (same-face)"),
     },
@@ -63,7 +64,9 @@ def create_feedback(
     def act() -> tuple[int, dict]:
         recorded = item
         if item.lease_id is not None:
-            claim_lease(session=session, lease_id=item.lease_id, face_x=item.face_a, face_y=item.face_b)
+            claim_lease(
+                session=session, lease_id=item.lease_id, face_x=item.face_a, face_y=item.face_b, holder=key_id
+            )
             recorded = item.model_copy(update={"source": REVIEW_SOURCE})
         stored, created = service.record_feedback(
             session=session, item=recorded, fractions=settings.split_fractions, api_key_id=key_id

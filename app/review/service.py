@@ -61,8 +61,9 @@ def check_limit(limit: int, settings: Settings) -> None:
         )
 
 
-def lease_pairs(*, session: Session, settings: Settings, limit: int) -> ReviewPage:
-    """A page of up to `limit` pairs, each leased to the caller until its `expires_at` (commits)."""
+def lease_pairs(*, session: Session, settings: Settings, limit: int, holder: str | None) -> ReviewPage:
+    """A page of up to `limit` pairs, each leased to the caller (`holder`, its API key) until its `expires_at`
+    (commits)."""
     check_limit(limit, settings)
     model = require_serving_model(session)
     threshold = model.threshold if model.threshold is not None else FALLBACK_THRESHOLD
@@ -101,7 +102,7 @@ def lease_pairs(*, session: Session, settings: Settings, limit: int) -> ReviewPa
         )
         if not choices:
             break
-        stored = _insert_leases(session, choices, model.id, now, expires_at)
+        stored = _insert_leases(session, choices, model.id, now, expires_at, holder)
         for choice in choices:
             taken.add(choice.candidate.key)
             lease_id = stored.get(choice.candidate.key)
@@ -134,16 +135,32 @@ def lease_pairs(*, session: Session, settings: Settings, limit: int) -> ReviewPa
     )
 
 
-def release_lease(*, session: Session, lease_id: uuid.UUID) -> None:
+def _check_holder(lease: ReviewLease, holder: str | None) -> None:
+    """Only the key a pair was leased to may answer or skip it: another reviewer's skip would hand the pair
+    to a third, and its answer would be recorded as the first reviewer's review."""
+    if lease.api_key_id != holder:
+        raise Problem(
+            409,
+            "lease-not-yours",
+            "Lease held by another key",
+            f"lease {lease.id} was given to another API key; ask for pairs of your own",
+            lease_id=str(lease.id),
+        )
+
+
+def release_lease(*, session: Session, lease_id: uuid.UUID, holder: str | None) -> None:
     """Skip a pair: its lease goes, and the pair may be offered again (commits)."""
     lease = session.get(ReviewLease, lease_id)
     if lease is None:
         raise Problem(404, "unknown-lease", "Unknown lease", f"no lease with id {lease_id}")
+    _check_holder(lease, holder)
     session.delete(lease)
     session.commit()
 
 
-def claim_lease(*, session: Session, lease_id: uuid.UUID, face_x: uuid.UUID, face_y: uuid.UUID) -> None:
+def claim_lease(
+    *, session: Session, lease_id: uuid.UUID, face_x: uuid.UUID, face_y: uuid.UUID, holder: str | None
+) -> None:
     """Check that a live lease holds this pair and delete it (not committed: the answer commits with it)."""
     statement = select(ReviewLease).where(ReviewLease.id == lease_id)
     if session.get_bind().dialect.name == "postgresql":
@@ -157,6 +174,7 @@ def claim_lease(*, session: Session, lease_id: uuid.UUID, face_x: uuid.UUID, fac
             f"no live lease with id {lease_id}: it was answered, skipped or expired and offered again",
             lease_id=str(lease_id),
         )
+    _check_holder(lease, holder)
     expires_at = lease.expires_at if lease.expires_at.tzinfo else lease.expires_at.replace(tzinfo=UTC)
     if expires_at <= utcnow():
         raise Problem(
@@ -356,6 +374,7 @@ def _insert_leases(
     model_id: uuid.UUID,
     now: datetime,
     expires_at: datetime,
+    holder: str | None,
 ) -> dict[Key, uuid.UUID]:
     """Lease the chosen pairs, skipping those a concurrent reviewer holds; the leases stored, by pair."""
     rows = [
@@ -367,6 +386,7 @@ def _insert_leases(
             "split": choice.candidate.split,
             "reason": choice.reason,
             "score": choice.candidate.score,
+            "api_key_id": holder,
             "created_at": now,
             "expires_at": expires_at,
         }

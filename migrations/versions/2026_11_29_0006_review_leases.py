@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("split", sa.String(length=16), nullable=False),
         sa.Column("reason", sa.String(length=32), nullable=False),
         sa.Column("score", sa.Float(), nullable=False),
+        sa.Column("api_key_id", sa.String(length=32), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("face_a <> face_b", name=op.f("ck_review_leases_distinct_faces")),

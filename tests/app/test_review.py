@@ -17,6 +17,7 @@ from app.tables import Face, FeedbackPair, ReviewLease, utcnow
 from tests.app.embedding_factories import activate, embed
 from tests.app.factories import count_rows, face_row, insert_model
 from tests.app.problems import assert_problem
+from tests.keys import bearer, issue_test_key
 
 THRESHOLD = 0.5
 DIM = 32
@@ -267,3 +268,23 @@ def test_two_reviewers_asking_at_once_never_hold_the_same_pair(
     assert len(pages[0]) == len(pages[1]) == 12
     assert not {key(item) for item in pages[0]} & {key(item) for item in pages[1]}
     assert count_rows(settings, ReviewLease) == 24
+
+
+def test_only_the_key_a_pair_was_leased_to_may_answer_or_skip_it(
+    seeded: TestClient, settings: Settings
+) -> None:
+    Gallery(settings)
+    item = lease(seeded, 2)["items"][0]
+    other = bearer(issue_test_key(settings.database_url, ["review", "feedback:write"], name="other reviewer"))
+    body = {"face_a": item["face_a"]["id"], "face_b": item["face_b"]["id"], "label": 1}
+    stored = count_rows(settings, FeedbackPair)
+
+    answered = seeded.post("/v1/feedback", json={**body, "lease_id": item["lease_id"]}, headers=other)
+    skipped = seeded.delete(f"/v1/review/leases/{item['lease_id']}", headers=other)
+
+    assert_problem(answered, 409, "lease-not-yours")
+    assert_problem(skipped, 409, "lease-not-yours")
+    assert count_rows(settings, FeedbackPair) == stored
+    with session_scope(settings.database_url) as session:
+        assert session.get(ReviewLease, uuid.UUID(item["lease_id"])) is not None, "the holder keeps its lease"
+    assert seeded.post("/v1/feedback", json={**body, "lease_id": item["lease_id"]}).status_code == 201

@@ -29,6 +29,7 @@ import argparse
 import itertools
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -371,6 +372,8 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so the service's processes (own sessions) and the database go with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--faces", type=Path, default=DEFAULT_FACES, help="a folder of <identity>/<image>")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)

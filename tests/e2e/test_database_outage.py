@@ -6,12 +6,14 @@ accepts them again. Over one keep-alive connection, the api answers 503 `databas
 """
 
 import time
+from collections.abc import Callable
 
 import httpx
 import psycopg
 import pytest
 
 from tests.e2e.services import RunningApi
+from tests.keys import bearer
 from tests.services import POSTGRES_ADMIN_URL
 
 pytestmark = pytest.mark.slow
@@ -32,7 +34,7 @@ def _allow_connections(database: str, allowed: bool) -> None:
 
 
 def test_an_outage_gives_503s_on_a_healthy_connection_and_the_api_recovers(
-    service_settings: dict[str, str], api: RunningApi
+    service_settings: dict[str, str], api: RunningApi, issue_key: Callable[..., str]
 ) -> None:
     database = service_settings["MAGTUNE_DATABASE_URL"].rsplit("/", 1)[1]
     peers: set[object] = set()
@@ -42,7 +44,10 @@ def test_an_outage_gives_503s_on_a_healthy_connection_and_the_api_recovers(
         if stream is not None:
             peers.add(stream.get_extra_info("client_addr"))
 
-    with httpx.Client(base_url=api.url, timeout=30.0, event_hooks={"response": [note_peer]}) as http:
+    key = bearer(issue_key())
+    with httpx.Client(
+        base_url=api.url, timeout=30.0, event_hooks={"response": [note_peer]}, headers=key
+    ) as http:
         assert http.get("/v1/faces").status_code == 200
 
         _allow_connections(database, False)

@@ -3,6 +3,7 @@ no reindex: the api queues one coalesced `embed` job per model in service, and t
 process, kept between jobs, embeds them with the model it loaded once."""
 
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,17 @@ def _jobs(http: httpx.Client, kind: str) -> list[dict[str, Any]]:
     return ok(http.get("/v1/jobs", params={"kind": kind, "limit": 100}), 200)["items"]
 
 
+def _finished_jobs(http: httpx.Client, kind: str, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """The jobs of `kind` once none is queued or running. An embed job queued for a face that an earlier
+    job already embedded still runs (and finds nothing to do), possibly after the faces are all embedded."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = _jobs(http, kind)
+        if all(job["status"] not in ("queued", "running") for job in jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.2)
+
+
 def test_faces_uploaded_after_activation_are_embedded_by_the_embed_worker_without_a_reindex(
     http: httpx.Client,
     start_worker: Callable[[], ServiceProcess],
@@ -43,7 +55,7 @@ def test_faces_uploaded_after_activation_are_embedded_by_the_embed_worker_withou
     wait_embedded(http, later)
 
     assert len(_jobs(http, "reindex")) == 1, "only the activation's reindex: arrivals need none"
-    embed_jobs = _jobs(http, "embed")
+    embed_jobs = _finished_jobs(http, "embed")
     assert embed_jobs and all(job["status"] == "succeeded" for job in embed_jobs), embed_jobs
     assert {job["params"]["model"] for job in embed_jobs} == {model["id"]}
     assert sum(job["result"]["embedded"] for job in embed_jobs) == len(first) + len(later)

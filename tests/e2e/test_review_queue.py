@@ -24,6 +24,7 @@ from app.tables import FaceEmbedding
 from tests.e2e.conftest import start_api
 from tests.e2e.flow import activate, ok, register_model, wait_embedded, wait_for_success
 from tests.e2e.services import RunningApi
+from tests.keys import bearer, issue_test_key
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +72,12 @@ def _label_some(http: httpx.Client, faces: dict[str, dict[str, Any]]) -> set[fro
     return labelled
 
 
+def _answer(item: dict[str, Any]) -> dict[str, Any]:
+    """The truthful answer to a suggested pair (the faces were uploaded with their subjects)."""
+    same = item["face_a"]["subject"] == item["face_b"]["subject"]
+    return {"face_a": item["face_a"]["id"], "face_b": item["face_b"]["id"], "label": int(same)}
+
+
 def _stored_vectors(database_url: str, model_id: str) -> dict[str, np.ndarray]:
     with session_scope(database_url) as session:
         rows = session.execute(
@@ -97,10 +104,13 @@ def _check_queue(
     pages: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
     errors: list[BaseException] = []
     start = threading.Barrier(2)
+    reviewer_keys = [
+        issue_test_key(database_url, ["review", "feedback:write"], name=f"reviewer {n}") for n in (0, 1)
+    ]
 
     def reviewer(number: int) -> None:
         try:
-            with httpx.Client(base_url=url, timeout=60.0) as client:
+            with httpx.Client(base_url=url, timeout=60.0, headers=bearer(reviewer_keys[number])) as client:
                 start.wait()
                 for _ in range(3):
                     pages[number].append(ok(client.post("/v1/review/leases", json={"limit": 12}), 200))
@@ -126,14 +136,12 @@ def _check_queue(
         assert a != b and _pair(item) not in labelled
         assert split_of[a] == split_of[b] == item["split"], "never a pair across splits"
 
-    # answering and skipping release; the answer is a review in the pair's split
+    # answering and skipping release; the answer is a review in the pair's split; only the holder may
     answered, skipped = held[0][0], held[0][1]
-    body = {
-        "face_a": answered["face_a"]["id"],
-        "face_b": answered["face_b"]["id"],
-        "label": int(answered["face_a"]["subject"] == answered["face_b"]["subject"]),
-        "lease_id": answered["lease_id"],
-    }
+    refused = http.post("/v1/feedback", json={**_answer(answered), "lease_id": answered["lease_id"]})
+    assert (refused.status_code, refused.json()["type"].rsplit("/", 1)[-1]) == (409, "lease-not-yours")
+    http.headers.update(bearer(reviewer_keys[0]))
+    body = {**_answer(answered), "lease_id": answered["lease_id"]}
     stored = ok(http.post("/v1/feedback", json=body), 201)
     assert (stored["source"], stored["split"]) == ("review", answered["split"])
     again = http.post("/v1/feedback", json=body).json()
@@ -175,8 +183,8 @@ def test_the_review_queue_on_postgresql_and_redis(
     api = start_api(launch, service_settings)
     start_worker()
     start_embed_worker()
-    with httpx.Client(base_url=api.url, timeout=60.0) as http:
-        database_url = service_settings["MAGTUNE_DATABASE_URL"]
+    database_url = service_settings["MAGTUNE_DATABASE_URL"]
+    with httpx.Client(base_url=api.url, timeout=60.0, headers=bearer(issue_test_key(database_url))) as http:
         _check_queue(http, api.url, database_url, shared_dir, mobilefacenet_checkpoint)
 
 
@@ -186,5 +194,5 @@ def test_the_review_queue_on_the_embedded_default(
     data_dir = tmp_path / "data"
     up = start_up(data_dir)
     database_url = f"sqlite:///{(data_dir / 'magtune.db').resolve()}"
-    with httpx.Client(base_url=up.url, timeout=60.0) as http:
+    with httpx.Client(base_url=up.url, timeout=60.0, headers=bearer(up.admin_key)) as http:
         _check_queue(http, up.url, database_url, shared_dir, mobilefacenet_checkpoint)

@@ -246,10 +246,13 @@ def run_sweep(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _sweep_json(report: dict[str, list[uuid.UUID]]) -> dict[str, Any]:
+def _sweep_json(report: dict[str, list[uuid.UUID] | int]) -> dict[str, Any]:
+    """Each list of job ids with its count; plain counts (erasures) as they are."""
+    jobs = {name: ids for name, ids in report.items() if isinstance(ids, list)}
+    counts = {name: count for name, count in report.items() if isinstance(count, int)}
     return {
-        "counts": {name: len(ids) for name, ids in report.items()},
-        **{name: [str(job_id) for job_id in ids] for name, ids in report.items()},
+        "counts": {**{name: len(ids) for name, ids in jobs.items()}, **counts},
+        **{name: [str(job_id) for job_id in ids] for name, ids in jobs.items()},
     }
 
 

@@ -15,6 +15,7 @@ from app.auth.limits import WriteLimiter
 from app.auth.router import router as keys_router
 from app.body_limit import BodyLimitMiddleware
 from app.config import Settings, get_settings
+from app.console.router import router as console_router
 from app.faces.router import router as faces_router
 from app.failures import install_failure_handlers
 from app.feedback.router import router as feedback_router
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     for router in routers:
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
+    app.include_router(console_router)
     if settings.docs_open:
         docs.install(app)
     auth_openapi.install(app)

@@ -54,8 +54,10 @@ def test_every_route_declares_exactly_one_access() -> None:
     assert sorted(other_routes(app)) == sorted(OPEN_PATHS)
 
 
-def test_the_only_open_operations_are_health_and_docs() -> None:
+def test_the_only_open_operations_are_health_docs_and_the_console_page() -> None:
     assert sorted(_id(op) for op in OPEN_OPERATIONS) == [
+        "GET /console",
+        "GET /console/{name}",
         "GET /docs",
         "GET /healthz",
         "GET /readyz",

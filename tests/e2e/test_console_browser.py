@@ -1,0 +1,163 @@
+"""The console in a real browser (Debian's headless Chromium, driven by Playwright) against `magtune up`, the
+embedded default, with the shared CMU faces: a reviewer labels pairs with the keyboard and undoes one, the
+feedback rows follow; a key without jobs:write sees no job controls; the page asks nothing of another host.
+Screenshots of each page are saved under a folder the test prints."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import require
+from tests.e2e.flow import activate, ok, register_model, wait_embedded, wait_for_success
+from tests.e2e.services import RunningApi, client_with_key
+
+pytestmark = pytest.mark.slow
+
+PEOPLE = 8
+IMAGES_PER_PERSON = 4
+LABELS = 10
+REVIEWER_SCOPES = ["review", "feedback:write", "faces:read"]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    executable = shutil.which("chromium")
+    require(executable is not None, "no chromium executable (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "the playwright package is not installed (pip install -e '.[test]')")
+        raise
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    folder = tmp_path / "console-screenshots"
+    folder.mkdir()
+    print(f"console screenshots: {folder}")
+    return folder
+
+
+def _upload_cmu(http: httpx.Client, shared_dir: Path) -> dict[str, dict[str, Any]]:
+    root = shared_dir / "data" / "faces" / "cmu" / "aligned_112"
+    require(root.is_dir(), f"no CMU faces under {root}")
+    faces: dict[str, dict[str, Any]] = {}
+    for person in sorted(path.name for path in root.iterdir() if path.is_dir())[:PEOPLE]:
+        for image in sorted((root / person).glob("*.png"))[:IMAGES_PER_PERSON]:
+            files = {"file": ("face.png", image.read_bytes(), "image/png")}
+            face = ok(http.post("/v1/faces", files=files, data={"subject": person}), 200, 201)
+            faces[face["id"]] = face
+    return faces
+
+
+def _issue(http: httpx.Client, name: str, scopes: list[str]) -> str:
+    return ok(http.post("/v1/keys", json={"name": name, "scopes": scopes}), 201)["key"]
+
+
+def _open_console(browser: Any, url: str, key: str, requests: list[str]) -> Any:
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(f"{url}/console")
+    page.fill("#key-input", key)
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("#nav:not([hidden])")
+    return page
+
+
+def _feedback(http: httpx.Client) -> dict[str, dict[str, Any]]:
+    return {item["id"]: item for item in ok(http.get("/v1/feedback", params={"limit": 200}), 200)["items"]}
+
+
+def test_review_with_the_keyboard_and_scoped_controls(
+    start_up: Callable[[Path], RunningApi],
+    tmp_path: Path,
+    shared_dir: Path,
+    mobilefacenet_checkpoint: Path,
+    browser: Any,
+    screenshots: Path,
+) -> None:
+    up = start_up(tmp_path / "data")
+    assert up.admin_key is not None
+    requests: list[str] = []
+    with client_with_key(up.url, up.admin_key) as http:
+        model = register_model(http, mobilefacenet_checkpoint, "mobilefacenet")
+        wait_for_success(http, activate(http, model["id"], "base")["reindex_job_id"])
+        faces = _upload_cmu(http, shared_dir)
+        wait_embedded(http, list(faces))
+
+        page = _open_console(browser, up.url, _issue(http, "reviewer", REVIEWER_SCOPES), requests)
+        assert page.is_visible("nav button[data-page=review]")
+        assert not page.is_visible("nav button[data-page=jobs]"), "the key cannot read jobs"
+        page.wait_for_selector("#review-pair:not([hidden])")
+        page.screenshot(path=str(screenshots / "review.png"))
+
+        for given in range(1, LABELS + 1):
+            face_a, face_b = page.get_attribute("#review-pair", "data-pair").split()
+            same = faces[face_a]["subject"] == faces[face_b]["subject"]
+            page.keyboard.press("s" if same else "d")
+            page.wait_for_function(
+                "n => document.getElementById('review-count').textContent === String(n)", arg=given
+            )
+            page.wait_for_selector("body[data-busy=false]")
+        stored = _feedback(http)
+        assert len(stored) == LABELS
+        assert {item["source"] for item in stored.values()} == {"review"}
+        for item in stored.values():
+            same = faces[item["face_a"]]["subject"] == faces[item["face_b"]]["subject"]
+            assert item["label"] == int(same)
+
+        shown_before_undo = page.get_attribute("#review-pair", "data-pair")
+        page.keyboard.press("u")
+        page.wait_for_function(
+            "n => document.getElementById('review-count').textContent === String(n)", arg=LABELS - 1
+        )
+        page.wait_for_selector("body[data-busy=false]")
+        after_undo = _feedback(http)
+        assert len(after_undo) == LABELS - 1 and set(after_undo) < set(stored)
+        (retracted,) = set(stored) - set(after_undo)
+        undone = {stored[retracted]["face_a"], stored[retracted]["face_b"]}
+        assert set(page.get_attribute("#review-pair", "data-pair").split()) == undone, "offered again"
+        assert page.get_attribute("#review-pair", "data-pair") != shown_before_undo
+
+        page.keyboard.press("k")  # skip the re-offered pair: nothing is stored
+        page.wait_for_selector("body[data-busy=false]")
+        assert set(page.get_attribute("#review-pair", "data-pair").split()) != undone
+        assert len(_feedback(http)) == LABELS - 1
+
+        # A key that reads jobs but may not write them: the list, without start or cancel controls.
+        ok(http.post("/v1/jobs", json={"kind": "evaluate", "params": {"split": "val"}}), 202)
+        reader = _open_console(
+            browser, up.url, _issue(http, "watcher", ["jobs:read", "metrics:read"]), requests
+        )
+        reader.click("nav button[data-page=jobs]")
+        reader.wait_for_selector("#jobs-table tbody tr")
+        assert not reader.is_visible("#finetune-form")
+        assert reader.locator("button.cancel").count() == 0
+        reader.screenshot(path=str(screenshots / "jobs.png"))
+        reader.click("nav button[data-page=dashboard]")
+        reader.wait_for_selector("#dashboard .card")
+        reader.screenshot(path=str(screenshots / "dashboard.png"))
+
+        operator = _open_console(
+            browser, up.url, _issue(http, "operator", ["jobs:read", "jobs:write"]), requests
+        )
+        operator.wait_for_selector("#jobs-table tbody tr")
+        assert operator.is_visible("#finetune-form")
+
+    assert requests, "the browser's network log is empty"
+    # Face images are shown as object URLs of this origin (blob:<origin>/...); anything else is elsewhere.
+    elsewhere = [url for url in requests if not url.removeprefix("blob:").startswith(f"{up.url}/")]
+    assert elsewhere == [], "requests to another host"
+    assert any(url.startswith(f"{up.url}/v1/faces/") for url in requests), "images came through the api"

@@ -2,11 +2,14 @@
 
 Event ids are the row's `revision` (bumped by every update of the row), so they increase. Each event carries
 the job's whole state (status, attempts, progress, result, error), never a delta: an event is sent when that
-state differs from the last one sent on this stream. A stream that resumes with `Last-Event-ID: n` starts
-with the current state only when the row was updated after revision n (an update that changed nothing the
-event shows, such as a heartbeat, may repeat the last event once: clients treat events as idempotent).
-The stream ends with an `end` event once the job is finished, or quietly after `job_events_max_lifetime_s`
-(the client resumes); a comment line goes out every `job_events_heartbeat_s` while nothing changes.
+state differs from the last one sent on this stream. The row holds only the latest progress, so two writes
+within one poll interval reach the stream as one event (a fine-tune's result keeps its per-epoch history).
+
+A stream that resumes with `Last-Event-ID: n` starts with the current state only when the row was updated
+after revision n (an update that changed nothing the event shows, such as a heartbeat, may repeat the last
+event once: clients treat events as idempotent). The stream ends with an `end` event once the job is
+finished, or quietly after `job_events_max_lifetime_s` (the client resumes); a comment line goes out every
+`job_events_heartbeat_s` while nothing changes.
 
 No database connection is held between polls, and the waits are `await`s, so an open stream holds neither a
 connection nor a threadpool thread; the streams open at once in one api process are bounded

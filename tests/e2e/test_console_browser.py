@@ -1,6 +1,7 @@
 """The console in a real browser (Debian's headless Chromium, driven by Playwright) against `magtune up`, the
 embedded default, with the shared CMU faces: a reviewer labels pairs with the keyboard and undoes one, the
 feedback rows follow; a key without jobs:write sees no job controls; the page asks nothing of another host.
+On PostgreSQL + Redis: a fine-tune started from the Jobs page is followed to its end by its event stream.
 Screenshots of each page are saved under a folder the test prints."""
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ import httpx
 import pytest
 
 from tests.conftest import require
-from tests.e2e.flow import activate, ok, register_model, wait_embedded, wait_for_success
+from tests.e2e.conftest import start_api
+from tests.e2e.flow import (
+    activate,
+    ok,
+    register_model,
+    seed_and_activate,
+    seed_over_http,
+    wait_embedded,
+    wait_for_success,
+)
 from tests.e2e.services import RunningApi, client_with_key
+from tests.keys import issue_test_key
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +172,48 @@ def test_review_with_the_keyboard_and_scoped_controls(
     elsewhere = [url for url in requests if not url.removeprefix("blob:").startswith(f"{up.url}/")]
     assert elsewhere == [], "requests to another host"
     assert any(url.startswith(f"{up.url}/v1/faces/") for url in requests), "images came through the api"
+
+
+def test_a_finetune_started_from_the_jobs_page_is_followed_through_its_event_stream(
+    service_settings: dict[str, str],
+    launch: Callable[..., Any],
+    start_worker: Callable[[], Any],
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+    browser: Any,
+    screenshots: Path,
+) -> None:
+    """On PostgreSQL + Redis: the operator starts a 1-epoch fine-tune; its row moves to succeeded with its
+    per-epoch figures, fed by the event stream alone (no request re-reads the job)."""
+    api = start_api(launch, service_settings)
+    start_worker()
+    admin_key = issue_test_key(service_settings["MAGTUNE_DATABASE_URL"])
+    requests: list[str] = []
+    with client_with_key(api.url, admin_key) as http:
+        seed_and_activate(http, seed_over_http(http, johns_dir), mobilefacenet_checkpoint)
+        page = _open_console(
+            browser, api.url, _issue(http, "operator", ["jobs:read", "jobs:write"]), requests
+        )
+    page.wait_for_selector("#finetune-form:not([hidden])")
+    page.fill("#finetune-form input[name=epochs]", "1")
+    page.uncheck("#finetune-form input[name=auto_promote]")
+    page.click("#finetune-form button[type=submit]")
+    row = page.wait_for_selector("#jobs-table tr[data-kind=finetune]")
+    job_id = row.get_attribute("data-job")
+    done = page.wait_for_selector(
+        f"#jobs-table tr[data-job='{job_id}']:is([data-status=succeeded], [data-status=failed])",
+        timeout=600_000,
+    )
+    page.screenshot(path=str(screenshots / "jobs-finetune.png"))
+    assert done.get_attribute("data-status") == "succeeded", page.inner_text("#jobs-table")
+    assert "running" in done.get_attribute("data-seen").split()
+    phases = set(done.get_attribute("data-phases").split())
+    assert "train" in phases and len(phases) >= 3, phases  # the steps, then saving, evaluating, ...
+    assert done.query_selector("svg.chart polyline.val") is not None, "the val loss per epoch is charted"
+    assert done.query_selector("svg.chart polyline.loss") is not None
+    assert done.query_selector("button.cancel") is None
+
+    api_calls = [url.removeprefix(api.url) for url in requests if url.startswith(f"{api.url}/v1/")]
+    assert f"/v1/jobs/{job_id}/events" in api_calls
+    assert not [call for call in api_calls if call.startswith(f"/v1/jobs/{job_id}") and "events" not in call]
+    assert api_calls.count("/v1/jobs?limit=25") == 1, "the list is read once, not polled"

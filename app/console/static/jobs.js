@@ -62,6 +62,12 @@ function progressOf(job) {
 }
 
 function record(job) {
+  // The result's history is the whole story (epoch 0: the parent on val); the stream's "epoch" events give
+  // the points while the job runs (one that lasted less than a poll may be coalesced into the next state).
+  if (Array.isArray(job.result?.history)) {
+    epochs.set(job.id, job.result.history.map((r) => ({ epoch: r.epoch, loss: r.train_loss, val_loss: r.val_loss })));
+    return;
+  }
   const p = job.progress;
   if (!p || p.phase !== "epoch") return;
   const list = epochs.get(job.id) || [];
@@ -74,8 +80,16 @@ function render(job) {
   const fresh = document.createElement("tr");
   fresh.dataset.job = job.id;
   fresh.dataset.status = job.status;
+  // What this row went through (statuses and phases seen), for whoever watches the page, tests included.
+  const seen = new Set((row?.dataset.seen || "").split(" ").filter(Boolean)).add(job.status);
+  const phase = job.progress?.phase;
+  const phases = new Set((row?.dataset.phases || "").split(" ").filter(Boolean));
+  if (phase) phases.add(phase);
+  fresh.dataset.seen = [...seen].join(" ");
+  fresh.dataset.phases = [...phases].join(" ");
   cell(fresh, job.id.slice(0, 8)).title = job.id;
-  const kind = job.kind || row?.children[1]?.textContent;
+  const kind = job.kind || row?.dataset.kind;
+  fresh.dataset.kind = kind;
   cell(fresh, kind);
   cell(fresh, job.status);
   cell(fresh, progressOf(job));

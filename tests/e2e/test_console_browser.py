@@ -147,6 +147,21 @@ def test_review_with_the_keyboard_and_scoped_controls(
         assert set(page.get_attribute("#review-pair", "data-pair").split()) != undone
         assert len(_feedback(http)) == LABELS - 1
 
+        # The lease of the pair on screen ends meanwhile (as an expired one would): the answer is kept,
+        # posted without the lease.
+        lease = page.get_attribute("#review-pair", "data-lease")
+        face_a, face_b = page.get_attribute("#review-pair", "data-pair").split()
+        assert http.delete(f"/v1/review/leases/{lease}").status_code == 204
+        page.keyboard.press("d")
+        page.wait_for_function(
+            "n => document.getElementById('review-count').textContent === String(n)", arg=LABELS
+        )
+        kept = [
+            item for item in _feedback(http).values() if {item["face_a"], item["face_b"]} == {face_a, face_b}
+        ]
+        assert [(item["label"], item["source"]) for item in kept] == [(0, "console")]
+        assert "kept" in page.inner_text("#review-status")
+
         # A key that reads jobs but may not write them: the list, without start or cancel controls.
         ok(http.post("/v1/jobs", json={"kind": "evaluate", "params": {"split": "val"}}), 202)
         reader = _open_console(

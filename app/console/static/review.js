@@ -59,6 +59,7 @@ async function show() {
   $("review-reason").textContent = `${REASONS[item.reason] || item.reason} · ${item.split} · score ${score}`;
   $("review-pair").hidden = false;
   $("review-pair").dataset.pair = `${item.face_a.id} ${item.face_b.id}`;
+  $("review-pair").dataset.lease = item.lease_id || "";
   prefetch();
 }
 
@@ -79,7 +80,7 @@ async function post(item, label) {
       return await api("POST", "/v1/feedback", { ...body, lease_id: item.lease_id });
     } catch (error) {
       if (!(error instanceof ApiError && ["lease-expired", "unknown-lease"].includes(error.type))) throw error;
-      say("The lease had expired: the answer is kept as plain feedback.");
+      item.leaseLost = true;
     }
   }
   return api("POST", "/v1/feedback", { ...body, source: "console" });
@@ -104,7 +105,7 @@ async function act(kind) {
     const stored = await post(item, LABELS[kind]);
     state.answered.push({ feedbackId: stored.id, item });
     state.count += 1;
-    say(`Saved: ${kind}.`);
+    say(item.leaseLost ? `The lease had ended: the answer (${kind}) was kept as plain feedback.` : `Saved: ${kind}.`);
   }
   advance();
   await show();

@@ -1,7 +1,8 @@
 """The console in a real browser (Debian's headless Chromium, driven by Playwright) against `magtune up`, the
 embedded default, with the shared CMU faces: a reviewer labels pairs with the keyboard and undoes one, the
 feedback rows follow; a key without jobs:write sees no job controls; the page asks nothing of another host.
-On PostgreSQL + Redis: a fine-tune started from the Jobs page is followed to its end by its event stream.
+On PostgreSQL + Redis: a fine-tune started from the Jobs page is followed to its end by its event stream,
+and the Models page activates its model and rolls back, while a key without models:activate sees no button.
 Screenshots of each page are saved under a folder the test prints."""
 
 from __future__ import annotations
@@ -232,3 +233,41 @@ def test_a_finetune_started_from_the_jobs_page_is_followed_through_its_event_str
     assert f"/v1/jobs/{job_id}/events" in api_calls
     assert not [call for call in api_calls if call.startswith(f"/v1/jobs/{job_id}") and "events" not in call]
     assert api_calls.count("/v1/jobs?limit=25") == 1, "the list is read once, not polled"
+
+    # Models: activate the fine-tuned child, then roll back to its parent, each after a confirmation naming
+    # the model in service; the activation log shows both.
+    with client_with_key(api.url, admin_key) as http:
+        child = ok(http.get(f"/v1/jobs/{job_id}"), 200)["result"]["model_id"]
+        base = ok(http.get("/v1/models/active"), 200)["id"]
+        modeller_key = _issue(http, "modeller", ["models:read", "models:activate", "jobs:read"])
+        viewer_key = _issue(http, "viewer", ["models:read"])
+    models = _open_console(browser, api.url, modeller_key, requests)
+    dialogs: list[str] = []
+    models.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+    models.click("nav button[data-page=models]")
+    models.wait_for_selector(f"li[data-model='{base}'][data-active=true]")
+    gate = models.wait_for_selector(f"li[data-model='{child}'] > .gate > div")
+    assert gate.inner_text().startswith("gate: "), "the child's gate decision is shown"
+    models.click(f"li[data-model='{child}'] > .model button.activate")
+    models.wait_for_selector(f"li[data-model='{child}'][data-active=true]")
+    models.wait_for_selector(f"#activations-table tbody tr[data-model='{child}']")
+    models.click(f"li[data-model='{base}'] > .model button.activate")
+    models.wait_for_selector(f"li[data-model='{base}'][data-active=true]")
+    log = [
+        row.get_attribute("data-model") for row in models.query_selector_all("#activations-table tbody tr")
+    ]
+    assert log[:3] == [base, child, base], log
+    assert len(dialogs) == 2 and "replaces" in dialogs[0] and "replaces" in dialogs[1]
+    with client_with_key(api.url, admin_key) as http:
+        names = {m["id"]: m["name"] or m["id"][:8] for m in ok(http.get("/v1/models"), 200)["items"]}
+        assert names[base] in dialogs[0] and names[child] in dialogs[1], dialogs
+        assert ok(http.get("/v1/models/active"), 200)["id"] == base
+    models.screenshot(path=str(screenshots / "models.png"))
+
+    viewer = _open_console(browser, api.url, viewer_key, requests)
+    viewer.wait_for_selector(f"li[data-model='{child}']")
+    assert viewer.locator("button.activate").count() == 0
+    with client_with_key(api.url, viewer_key) as forced:
+        refused = forced.post(f"/v1/models/{child}/activate", json={"reason": "forced"})
+    assert (refused.status_code, refused.json()["type"].rsplit("/", 1)[-1]) == (403, "insufficient-scope")
+    assert not [url for url in requests if not url.removeprefix("blob:").startswith(f"{api.url}/")]

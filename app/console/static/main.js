@@ -3,11 +3,13 @@ import { api, session } from "./api.js";
 import { closeReview, openReview, setupReview } from "./review.js";
 import { closeJobs, openJobs, setupJobs } from "./jobs.js";
 import { openDashboard } from "./dashboard.js";
+import { openModels } from "./models.js";
 
 const $ = (id) => document.getElementById(id);
 const PAGES = {
   review: { open: openReview, close: closeReview },
   jobs: { open: openJobs, close: closeJobs },
+  models: { open: openModels, close: () => {} },
   dashboard: { open: openDashboard, close: () => {} },
 };
 let scopes = new Set();

@@ -163,6 +163,26 @@ def test_review_with_the_keyboard_and_scoped_controls(
         assert [(item["label"], item["source"]) for item in kept] == [(0, "console")]
         assert "kept" in page.inner_text("#review-status")
 
+        # Faces: the grid of one subject, all embedded; a click shows the nearest faces with scores.
+        page.click("nav button[data-page=faces]")
+        subject = next(iter(faces.values()))["subject"]
+        page.fill("#faces-form input[name=subject]", subject)
+        page.click("#faces-form button[type=submit]")
+        page.wait_for_function(
+            "n => document.querySelectorAll('#faces-grid .tile').length === n", arg=IMAGES_PER_PERSON
+        )
+        tiles = page.query_selector_all("#faces-grid .tile")
+        assert {faces[t.get_attribute("data-face")]["subject"] for t in tiles} == {subject}
+        assert {t.get_attribute("data-embedded") for t in tiles} == {"true"}
+        clicked = tiles[0].get_attribute("data-face")
+        tiles[0].click()
+        page.wait_for_selector("#faces-nearest .tile")
+        near = page.query_selector_all("#faces-nearest .tile")
+        assert clicked not in {t.get_attribute("data-face") for t in near}
+        assert all(t.get_attribute("data-face") in faces for t in near)
+        assert "·" in near[0].inner_text()
+        page.screenshot(path=str(screenshots / "faces.png"))
+
         # A key that reads jobs but may not write them: the list, without start or cancel controls.
         ok(http.post("/v1/jobs", json={"kind": "evaluate", "params": {"split": "val"}}), 202)
         reader = _open_console(

@@ -4,12 +4,14 @@ import { closeReview, openReview, setupReview } from "./review.js";
 import { closeJobs, openJobs, setupJobs } from "./jobs.js";
 import { openDashboard } from "./dashboard.js";
 import { openModels } from "./models.js";
+import { openFaces, setupFaces } from "./faces.js";
 
 const $ = (id) => document.getElementById(id);
 const PAGES = {
   review: { open: openReview, close: closeReview },
   jobs: { open: openJobs, close: closeJobs },
   models: { open: openModels, close: () => {} },
+  faces: { open: openFaces, close: () => {} },
   dashboard: { open: openDashboard, close: () => {} },
 };
 let scopes = new Set();
@@ -62,6 +64,7 @@ async function signIn() {
 
 setupReview();
 setupJobs();
+setupFaces();
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   session.key = $("key-input").value.trim();

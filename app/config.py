@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     review_min_val_different: int = Field(default=10, ge=0)
     review_seed: int | None = None  # fixed: the same stored state gives the same page (tests, benches)
 
+    # job event streams (GET /v1/jobs/{id}/events): each poll opens a short session, none is held between
+    job_events_poll_s: float = Field(default=0.5, gt=0, le=60)  # how often a stream reads its job row
+    job_events_heartbeat_s: float = Field(default=15.0, gt=0, le=300)  # comment line when nothing changed
+    job_events_max_streams: int = Field(default=100, ge=1, le=10_000)  # open at once per api process (503)
+    job_events_max_lifetime_s: float = Field(default=900.0, gt=0)  # then the client resumes (Last-Event-ID)
+
     @field_validator("split_fractions")
     @classmethod
     def _valid_fractions(cls, value: dict[str, float]) -> dict[str, float]:

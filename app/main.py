@@ -15,9 +15,11 @@ from app.auth.limits import WriteLimiter
 from app.auth.router import router as keys_router
 from app.body_limit import BodyLimitMiddleware
 from app.config import Settings, get_settings
+from app.console.router import router as console_router
 from app.faces.router import router as faces_router
 from app.failures import install_failure_handlers
 from app.feedback.router import router as feedback_router
+from app.jobs.events import StreamSlots
 from app.jobs.router import router as jobs_router
 from app.jobs.sweeper import start_background_sweeper
 from app.metrics.router import router as metrics_router
@@ -65,6 +67,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.state.settings = settings
     app.state.last_used = LastUsed()
     app.state.write_limiter = WriteLimiter(settings.write_rate_per_s, settings.write_burst)
+    app.state.event_streams = StreamSlots(settings.job_events_max_streams)
     install_problem_handlers(app)
     install_failure_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # inside the metrics: its 413s are counted
@@ -83,6 +86,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     for router in routers:
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
+    app.include_router(console_router)
     if settings.docs_open:
         docs.install(app)
     auth_openapi.install(app)

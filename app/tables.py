@@ -179,6 +179,10 @@ class Job(Base):
     # The API keys that created and cancelled it (null: internal jobs, older rows, auth disabled).
     created_by: Mapped[str | None] = mapped_column(String(32))
     cancelled_by: Mapped[str | None] = mapped_column(String(32))
+    # Bumped by every UPDATE of the row (ORM or Core, the worker's included, through `onupdate`): the id of
+    # the job's progress events (GET /v1/jobs/{id}/events), increasing, so a stream resumes after it.
+    # (No Python-side default: inserts leave it to the server, so code that predates the column still works.)
+    revision: Mapped[int] = mapped_column(Integer, server_default=text("0"), onupdate=text("revision + 1"))
 
     __table_args__ = (
         CheckConstraint(sql_in("status", JobStatus), name="status"),

@@ -3,7 +3,8 @@
 Every route declares exactly one of:
 - `dependencies=[requires(Scope.X)]`: a valid key holding scope X (`admin` is the keys' own scope and
   implies no other);
-- `dependencies=[open_route()]`: no key (health probes, docs).
+- `dependencies=[any_key()]`: a valid key, whatever its scopes (a key reading itself: GET /v1/keys/me);
+- `dependencies=[open_route()]`: no key (health probes, docs, the console's static page).
 `route_access(route)` reads the declaration back; the app-wide `guard_undeclared` dependency makes a route
 that declares neither need `admin`, so a forgotten declaration is a closed door (and
 tests/app/test_auth_matrix.py fails on it). The OpenAPI document shows the bearer scheme and, per
@@ -17,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.params import Depends as DependsParam
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
 from app.auth.keys import Caller, LastUsed, unauthenticated, verify_key
 from app.auth.limits import WriteLimiter
@@ -39,6 +41,7 @@ bearer = HTTPBearer(
 )
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 OPEN = "open"
+ANY_KEY = "any-key"
 
 
 def _auth_state(request: Request) -> tuple[LastUsed, WriteLimiter]:
@@ -50,11 +53,8 @@ def _bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def authorize(request: Request, session: SessionDep, settings: SettingsDep, scope: Scope) -> Caller | None:
-    """The caller, when its key is valid and holds `scope`: else 401, 403 or (a write over its rate) 429."""
-    if settings.auth_disabled:
-        request.state.caller = None
-        return None
+def authenticate(request: Request, session: Session) -> Caller:
+    """The caller of the request's key (read once per request): else 401."""
     cached: Caller | None = getattr(request.state, "caller", None)
     if cached is None:
         token = _bearer_token(request)
@@ -63,6 +63,15 @@ def authorize(request: Request, session: SessionDep, settings: SettingsDep, scop
         last_used, _limiter = _auth_state(request)
         cached = verify_key(session, token, last_used)
         request.state.caller = cached
+    return cached
+
+
+def authorize(request: Request, session: SessionDep, settings: SettingsDep, scope: Scope) -> Caller | None:
+    """The caller, when its key is valid and holds `scope`: else 401, 403 or (a write over its rate) 429."""
+    if settings.auth_disabled:
+        request.state.caller = None
+        return None
+    cached = authenticate(request, session)
     if scope not in cached.scopes:
         raise Problem(
             403,
@@ -104,6 +113,23 @@ def requires(scope: Scope) -> Any:
     return Security(ScopeRequirement(scope), scopes=[scope.value])
 
 
+class AnyKeyRequirement:
+    """The dependency behind `any_key()`: a valid key, whatever its scopes (None with auth disabled)."""
+
+    def __call__(
+        self, request: Request, session: SessionDep, settings: SettingsDep, _credentials: Credentials
+    ) -> Caller | None:
+        if settings.auth_disabled:
+            request.state.caller = None
+            return None
+        return authenticate(request, session)
+
+
+def any_key() -> Any:
+    """Declare on a route that any valid key may call: `dependencies=[any_key()]`."""
+    return Security(AnyKeyRequirement(), scopes=[])
+
+
 def _open() -> None:
     """Marker of a route that needs no key."""
 
@@ -122,6 +148,8 @@ def route_access(route: Any) -> list[Scope | str]:
             continue
         if isinstance(depends.dependency, ScopeRequirement):
             found.append(depends.dependency.scope)
+        elif isinstance(depends.dependency, AnyKeyRequirement):
+            found.append(ANY_KEY)
         elif depends.dependency is _open:
             found.append(OPEN)
     return found

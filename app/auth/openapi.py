@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.auth.dependencies import OPEN
+from app.auth.dependencies import ANY_KEY, OPEN
 from app.auth.routes import operations
 from app.problems import problem_doc
 
@@ -26,10 +26,12 @@ def install(app: FastAPI) -> None:
             if declared.access == (OPEN,):
                 operation["security"] = []
                 continue
-            scope = str(declared.access[0]) if len(declared.access) == 1 else "admin"
-            operation["x-required-scope"] = scope
             responses = operation.setdefault("responses", {})
             responses.setdefault("401", problem_doc("No valid key (unauthenticated), with WWW-Authenticate"))
+            if declared.access == (ANY_KEY,):
+                continue  # any valid key: no scope to lack, and a read (no write rate)
+            scope = str(declared.access[0]) if len(declared.access) == 1 else "admin"
+            operation["x-required-scope"] = scope
             responses.setdefault("403", problem_doc(f"The key lacks scope {scope} (insufficient-scope)"))
             responses.setdefault("429", problem_doc("Over the key's write rate or job cap, with Retry-After"))
         app.openapi_schema = schema

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Path, Response, status
 from sqlalchemy.orm import Session
 
 from app.auth import keys
-from app.auth.dependencies import CallerDep, requires
-from app.auth.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, RetractedFeedback
+from app.auth.dependencies import CallerDep, any_key, requires
+from app.auth.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeySelf, RetractedFeedback
 from app.auth.scopes import Scope
 from app.deps import SessionDep
 from app.feedback import service as feedback_service
@@ -52,6 +52,17 @@ def create_key(body: KeyCreate, session: SessionDep, caller: CallerDep, response
 def list_keys(session: SessionDep) -> KeyList:
     """Every key, newest first, without secrets."""
     return KeyList(items=[key_out(row) for row in keys.all_keys(session)])
+
+
+@router.get("/me", dependencies=[any_key()], response_model=KeySelf)
+def read_own_key(caller: CallerDep) -> KeySelf:
+    """The calling key's id, name and scopes, for any valid key: what a frontend (the console) may offer.
+
+    With auth disabled (MAGTUNE_AUTH_DISABLED) there is no key: every scope, and a null id.
+    """
+    if caller is None:
+        return KeySelf(id=None, name=None, scopes=sorted(Scope), auth_disabled=True)
+    return KeySelf(id=caller.key_id, name=caller.name, scopes=sorted(caller.scopes), auth_disabled=False)
 
 
 @router.get("/{key_id}", dependencies=ADMIN, response_model=KeyOut, responses=UNKNOWN_KEY)

@@ -40,6 +40,15 @@ class KeyCreated(KeyOut):
     key: str = Field(description="The whole key (mt_<id>_<secret>): shown this once, never again")
 
 
+class KeySelf(BaseModel):
+    """The key a request was made with: what it may do."""
+
+    id: str | None
+    name: str | None
+    scopes: list[str]
+    auth_disabled: bool = Field(description="True: the api checks no key, every operation is allowed")
+
+
 class KeyList(BaseModel):
     items: list[KeyOut]
 

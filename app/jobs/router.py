@@ -3,7 +3,8 @@
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 
 from app.auth.dependencies import CallerDep, caller_id, requires
 from app.auth.limits import check_job_cap
@@ -11,9 +12,10 @@ from app.auth.scopes import Scope
 from app.deps import PageDep, SessionDep, SettingsDep
 from app.domain import JobKind, JobStatus
 from app.jobs import service
+from app.jobs.events import EventStreamResponse, job_events, parse_last_event_id, read_snapshot
 from app.jobs.schemas import JobCreate, JobOut
 from app.pagination import PAGE_RESPONSES, Page
-from app.problems import problem_doc
+from app.problems import not_found, problem_doc
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -84,3 +86,41 @@ def cancel_job(job_id: uuid.UUID, session: SessionDep, caller: CallerDep, respon
     if not cancelled_now:
         response.status_code = status.HTTP_202_ACCEPTED
     return JobOut.model_validate(job)
+
+
+@router.get(
+    "/{job_id}/events",
+    dependencies=[requires(Scope.JOBS_READ)],
+    response_class=EventStreamResponse,
+    status_code=status.HTTP_200_OK,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "`progress` events (id: the row's revision; data: the job's status, attempts, "
+            "progress, result, error as JSON), then one `end` event once it has finished",
+        },
+        404: problem_doc("No such job"),
+        422: problem_doc("Last-Event-ID is not an id this stream sends (invalid-last-event-id)"),
+        503: problem_doc("This api process has as many streams open as it allows (too-many-streams)"),
+    },
+)
+async def job_events_stream(
+    job_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+) -> EventStreamResponse:
+    """The job's progress as server-sent events, until it finishes; resumes after `Last-Event-ID`.
+
+    An event is sent whenever what it shows changes (read every `job_events_poll_s`, no connection held
+    between reads), a `: heartbeat` comment every `job_events_heartbeat_s` otherwise. The stream closes after
+    the `end` event, or after `job_events_max_lifetime_s` (resume with the last id).
+    """
+    session.close()  # the key check's session: a stream holds no connection between its polls
+    last_seen = parse_last_event_id(last_event_id)
+    first = await run_in_threadpool(read_snapshot, settings, job_id)
+    if first is None:
+        raise not_found("job", job_id)
+    slot = request.app.state.event_streams.take()
+    return EventStreamResponse(job_events(settings, job_id, first, last_seen), slot)

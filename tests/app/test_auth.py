@@ -356,3 +356,17 @@ def test_auth_can_be_off_only_on_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
     assert (refuse_unsafe_bind(Settings(auth_disabled=True), host) is None) is loopback
     assert refuse_unsafe_bind(Settings(auth_disabled=False), host) is None
+
+
+def test_a_key_reads_its_own_scopes_whatever_they_are(
+    anonymous_client: TestClient, settings: Settings
+) -> None:
+    key = issue_test_key(settings.database_url, [Scope.REVIEW, Scope.FACES_READ])
+    me = anonymous_client.get("/v1/keys/me", headers=bearer(key))
+    assert me.status_code == 200
+    assert me.json() == {
+        "id": key_id(key),
+        "name": me.json()["name"],
+        "scopes": ["faces:read", "review"],
+        "auth_disabled": False,
+    }

@@ -14,7 +14,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 from httpx import Response
 
-from app.auth.dependencies import OPEN, OPEN_PATHS
+from app.auth.dependencies import ANY_KEY, OPEN, OPEN_PATHS
 from app.auth.routes import Operation, operations, other_routes
 from app.auth.scopes import ALL_SCOPES, Scope
 from app.config import Settings
@@ -28,8 +28,9 @@ def _app_for_collection() -> FastAPI:
 
 
 OPERATIONS = operations(_app_for_collection())
-SECURED = [op for op in OPERATIONS if op.access != (OPEN,) and len(op.access) == 1]
+SECURED = [op for op in OPERATIONS if op.access not in ((OPEN,), (ANY_KEY,)) and len(op.access) == 1]
 OPEN_OPERATIONS = [op for op in OPERATIONS if op.access == (OPEN,)]
+ANY_KEY_OPERATIONS = [op for op in OPERATIONS if op.access == (ANY_KEY,)]
 
 
 def _id(op: Operation) -> str:
@@ -53,8 +54,10 @@ def test_every_route_declares_exactly_one_access() -> None:
     assert sorted(other_routes(app)) == sorted(OPEN_PATHS)
 
 
-def test_the_only_open_operations_are_health_and_docs() -> None:
+def test_the_only_open_operations_are_health_docs_and_the_console_page() -> None:
     assert sorted(_id(op) for op in OPEN_OPERATIONS) == [
+        "GET /console",
+        "GET /console/{name}",
         "GET /docs",
         "GET /healthz",
         "GET /readyz",
@@ -93,6 +96,22 @@ def test_an_operation_answers_each_kind_of_key(
     assert right.status_code not in (401, 403), right.text
 
 
+def test_the_only_any_key_operation_is_a_key_reading_itself() -> None:
+    assert [_id(op) for op in ANY_KEY_OPERATIONS] == ["GET /v1/keys/me"]
+
+
+@pytest.mark.parametrize("op", ANY_KEY_OPERATIONS, ids=_id)
+def test_an_any_key_operation_needs_a_valid_key_of_any_scope(
+    op: Operation, anonymous_client: TestClient, settings: Settings
+) -> None:
+    url = settings.database_url
+    assert_problem(_call(anonymous_client, op, None), 401, "unauthenticated")
+    revoked = _call(anonymous_client, op, issue_test_key(url, [Scope.JOBS_READ], revoked=True))
+    assert "revoked" in assert_problem(revoked, 401, "unauthenticated")["detail"]
+    for scope in ALL_SCOPES:
+        assert _call(anonymous_client, op, issue_test_key(url, [scope])).status_code == 200, scope
+
+
 @pytest.mark.parametrize("op", OPEN_OPERATIONS, ids=_id)
 def test_an_open_operation_needs_no_key(op: Operation, anonymous_client: TestClient) -> None:
     assert _call(anonymous_client, op, None).status_code not in (401, 403)
@@ -111,12 +130,15 @@ def test_the_openapi_document_names_the_bearer_scheme_and_each_operations_scope(
         "bearerFormat": "mt_<id>_<secret>",
         "description": schema["components"]["securitySchemes"]["apiKey"]["description"],
     }
-    for op in SECURED + OPEN_OPERATIONS:
+    for op in SECURED + OPEN_OPERATIONS + ANY_KEY_OPERATIONS:
         if not op.include_in_schema:
             continue
         operation = schema["paths"][op.path][op.method.lower()]
         if op.access == (OPEN,):
             assert operation["security"] == [], _id(op)
+        elif op.access == (ANY_KEY,):
+            assert operation["security"] == [{"apiKey": []}], _id(op)
+            assert "x-required-scope" not in operation and "401" in operation["responses"]
         else:
             assert operation["security"] == [{"apiKey": [op.access[0].value]}], _id(op)
             assert operation["x-required-scope"] == op.access[0].value

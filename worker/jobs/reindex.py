@@ -256,6 +256,7 @@ def _run(ctx: JobContext) -> dict[str, Any]:
         sharded = run_sharded(ctx, model, missing)
         if sharded is not None:  # what is left is the final pass from the oldest face: arrivals, retries
             chunks, embedded, batches = sharded.chunks, sharded.embedded, sharded.batches
+    shards = {"chunks": chunks, "chunks_done": chunks} if chunks else {}
     generation: int | None = None
     wrote_watermark = pending = False  # whether a batch recorded the watermark; whether it moved since
     # Every face at or before `covered` is embedded or skipped (a gapless stretch from the oldest face);
@@ -263,7 +264,13 @@ def _run(ctx: JobContext) -> dict[str, Any]:
     covered = recorded
     cursor: Cursor | None = None if full else recorded
     ctx.progress(
-        phase="embedding", missing=missing, embedded=embedded, skipped=0, batches=batches, force=True
+        phase="embedding",
+        missing=missing,
+        embedded=embedded,
+        skipped=0,
+        batches=batches,
+        force=True,
+        **shards,
     )
     while True:
         ctx.raise_if_cancelled(f"after {embedded} faces")
@@ -300,6 +307,7 @@ def _run(ctx: JobContext) -> dict[str, Any]:
             skipped=len(skipped),
             batches=batches,
             force=batches == 1,
+            **shards,
         )
     # An embed job whose batches recorded the watermark leaves it there: its last, empty, query moved it on by
     # moments only. Otherwise (a reindex; an embed job that found its faces embedded by the one before, or
@@ -324,6 +332,7 @@ def _run(ctx: JobContext) -> dict[str, Any]:
         skipped=len(skipped),
         batches=batches,
         force=True,
+        **shards,
     )
     log.info(
         "job %s: model %s embedded %d faces in %d batches (%d skipped, %d still missing)",

@@ -137,7 +137,9 @@ def embed_chunk(ctx: ChunkContext) -> dict[str, Any]:
 def _send_queued(ctx: JobContext) -> None:
     with ctx.session() as session:
         queued = session.scalars(
-            select(JobChunk.id).where(JobChunk.job_id == ctx.job.id, JobChunk.status == JobStatus.QUEUED)
+            select(JobChunk.id)
+            .where(JobChunk.job_id == ctx.job.id, JobChunk.status == JobStatus.QUEUED)
+            .order_by(JobChunk.seq)
         ).all()
     for chunk_id in queued:
         try:

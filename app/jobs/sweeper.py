@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, func, null, or_, update
+from sqlalchemy import ColumnElement, and_, exists, func, null, or_, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -113,11 +113,20 @@ def _recover_lost_workers(
 def _recover_lost_chunks(session: Session, settings: Settings, now: datetime, report: SweepReport) -> None:
     """A running chunk whose heartbeat stopped is handed back alone while it has attempts left, else failed
     (which fails its job: the job's worker sees it). Requeued chunks are re-sent; the job's worker would
-    take them anyway."""
+    take them anyway. Chunks of a job that has ended, left queued or by a dead worker, are closed."""
     cutoff = now - timedelta(seconds=settings.job_heartbeat_timeout_s)
     stale = and_(
         JobChunk.status == JobStatus.RUNNING,
         func.coalesce(JobChunk.heartbeat_at, JobChunk.started_at, JobChunk.created_at) < cutoff,
+    )
+    job_open = exists().where(
+        Job.id == JobChunk.job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
+    )
+    session.execute(
+        update(JobChunk)
+        .where(or_(stale, JobChunk.status == JobStatus.QUEUED), ~job_open)
+        .values(status=JobStatus.CANCELLED, finished_at=now)
+        .execution_options(synchronize_session=False)
     )
     failed = session.execute(
         update(JobChunk)

@@ -180,3 +180,23 @@ def test_the_sweeper_requeues_a_dead_workers_chunk_alone_and_fails_it_at_its_att
     with session_scope(db_settings.database_url) as session:
         failed = session.scalar(select(JobChunk).where(JobChunk.seq == 0))
         assert failed is not None and failed.status == "failed" and failed.error["type"] == "worker-lost"
+
+
+def test_the_sweeper_closes_the_chunks_of_a_job_that_has_ended(db_settings: Settings) -> None:
+    model_id, job_id, _faces = _seed(db_settings, faces=9, embedded=0)
+    with session_scope(db_settings.database_url) as session:
+        plan_chunks(session, job_id, model_id, chunk_size=3, max_attempts=3)
+        dead = claim_next_chunk(session, job_id, "w@host:1")
+    assert dead is not None
+    with get_engine(db_settings.database_url).begin() as connection:
+        connection.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.FAILED))
+        connection.execute(
+            update(JobChunk)
+            .where(JobChunk.id == dead.id)
+            .values(heartbeat_at=utcnow() - timedelta(minutes=5))
+        )
+
+    report = sweep_once(db_settings)
+    assert report.chunks_requeued == [] and report.chunks_failed == []
+    with session_scope(db_settings.database_url) as session:
+        assert set(session.scalars(select(JobChunk.status))) == {"cancelled"}

@@ -307,10 +307,11 @@ def run_sweep(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _sweep_json(report: dict[str, list[uuid.UUID]]) -> dict[str, Any]:
+def _sweep_json(report: dict[str, list[uuid.UUID] | int]) -> dict[str, Any]:
+    """The ids of what each step touched, and their counts (steps that count files give a number)."""
     return {
-        "counts": {name: len(ids) for name, ids in report.items()},
-        **{name: [str(job_id) for job_id in ids] for name, ids in report.items()},
+        "counts": {name: len(ids) if isinstance(ids, list) else ids for name, ids in report.items()},
+        **{name: [str(i) for i in ids] for name, ids in report.items() if isinstance(ids, list)},
     }
 
 

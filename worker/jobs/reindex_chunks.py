@@ -31,6 +31,7 @@ from app.queue import send_chunk
 from app.tables import Face, FaceEmbedding, JobChunk
 from worker.chunk_claims import claim_next_chunk
 from worker.chunk_runtime import ChunkContext, run_one_chunk
+from worker.claims import owned_by
 from worker.jobs.model_cache import cached_model
 from worker.jobs.registry import LoadedModel, model_row
 from worker.jobs.reindex import Cursor, _aware, _embed_rows, _missing_batch, _position, _write
@@ -150,10 +151,15 @@ def _send_queued(ctx: JobContext) -> None:
 
 
 def _cancel_queued(ctx: JobContext) -> None:
+    """Cancel the job's queued chunks, unless this attempt lost the job (its retry will run them)."""
     with ctx.session() as session:
         session.execute(
             update(JobChunk)
-            .where(JobChunk.job_id == ctx.job.id, JobChunk.status == JobStatus.QUEUED)
+            .where(
+                JobChunk.job_id == ctx.job.id,
+                JobChunk.status == JobStatus.QUEUED,
+                exists().where(*owned_by(ctx.job)),
+            )
             .values(status=JobStatus.CANCELLED)
             .execution_options(synchronize_session=False)
         )

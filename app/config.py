@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # still be committing. Keep it above an upload's insert-to-commit time plus the api/worker clock skew.
     embed_watermark_lag_s: float = 60.0
     reindex_batch_size: int = 64
+    # A reindex with more faces missing than this is split into chunks of this many faces (key ranges over
+    # (created_at, id)) that every idle worker on its queue takes, one `magtune.reindex_chunk` task each.
+    reindex_chunk_size: int = Field(default=2048, ge=1)
 
     # Key that signs list cursors (`next_cursor`). Every api process must share it, so each accepts the
     # others' cursors; empty (the default) derives it from `database_url`, which they share already.

@@ -137,3 +137,20 @@ def try_enqueue_job(settings: Settings, job_id: uuid.UUID, kind: str) -> bool:
         )
         return False
     return True
+
+
+CHUNK_TASK = f"{TASK_PREFIX}reindex_chunk"
+
+
+def send_chunk(settings: Settings, chunk_id: uuid.UUID) -> None:
+    """Publish a chunk of a sharded reindex on the gpu queue (its job's); raises when the broker is down.
+
+    A lost chunk message costs time, not work: the job's own worker takes queued chunks from the database.
+    """
+    _sender(settings).send_task(
+        CHUNK_TASK,
+        args=[str(chunk_id)],
+        queue=queue_for(settings, JobKind.REINDEX),
+        retry=True,
+        retry_policy=SEND_RETRY_POLICY,
+    )

@@ -200,6 +200,41 @@ class Job(Base):
     )
 
 
+class JobChunk(Base):
+    """One range of a sharded reindex: the faces after (lo_created_at, lo_id) up to (hi_created_at, hi_id).
+
+    A null bound is open (from the oldest face, to the newest). A chunk is claimed, heartbeats and is
+    retried like a job row (worker/claims.py); its job's row stays the user's view of the whole reindex.
+    """
+
+    __tablename__ = "job_chunks"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    lo_created_at: Mapped[datetime | None] = mapped_column()
+    lo_id: Mapped[uuid.UUID | None] = mapped_column()
+    hi_created_at: Mapped[datetime | None] = mapped_column()
+    hi_id: Mapped[uuid.UUID | None] = mapped_column()
+    status: Mapped[JobStatus] = mapped_column(enum_type(JobStatus, 16), default=JobStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    worker: Mapped[str | None] = mapped_column(String(256))
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (
+        CheckConstraint(sql_in("status", JobStatus), name="status"),
+        Index("uq_job_chunks_job_id_seq", "job_id", "seq", unique=True),
+        Index("ix_job_chunks_status", "status"),
+    )
+
+
 class ModelVersion(Base):
     """A checkpoint in the registry with its lineage; only `ready` models can be used or activated."""
 

@@ -1,4 +1,5 @@
-"""Celery tasks, one per JobKind: each takes only the job's id and hands it to `worker.runtime.run_job`.
+"""Celery tasks, one per JobKind: each takes only the job's id and hands it to `worker.runtime.run_job`; and
+`magtune.reindex_chunk`, which takes a chunk id (worker/chunk_runtime.py).
 
 The task's return value is unused (no result backend): the job row holds the status, result and error. A
 task never raises for a job that failed, since the failure is recorded on the row; raising is left to what
@@ -15,8 +16,9 @@ from celery.signals import worker_process_init
 
 from app.config import get_settings
 from app.domain import JobKind
-from app.queue import task_name
+from app.queue import CHUNK_TASK, task_name
 from worker.celery_app import celery_app
+from worker.chunk_runtime import run_chunks
 from worker.runtime import run_job
 
 log = logging.getLogger(__name__)
@@ -61,3 +63,10 @@ evaluate = TASKS[JobKind.EVALUATE]
 reindex = TASKS[JobKind.REINDEX]
 validate_model = TASKS[JobKind.VALIDATE_MODEL]
 embed = TASKS[JobKind.EMBED]
+
+
+@celery_app.task(name=CHUNK_TASK, bind=True)
+def reindex_chunk(self: Task, chunk_id: str) -> int:
+    """A chunk of a sharded reindex (worker/jobs/reindex_chunks.py): this one, then the job's other queued
+    chunks, until none is left; how many this task ran."""
+    return run_chunks(chunk_id, settings=get_settings(), worker_name=_worker_name(self))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, func, null, or_, update
+from sqlalchemy import ColumnElement, and_, exists, func, null, or_, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -21,8 +21,8 @@ from app.db import session_scope
 from app.domain import JobStatus
 from app.erasures import finish_pending_erasures
 from app.jobs import auto_finetune
-from app.queue import send_job
-from app.tables import Job
+from app.queue import send_chunk, send_job
+from app.tables import Job, JobChunk
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class SweepReport:
     cancelled: list[uuid.UUID] = field(default_factory=list)
     send_failures: list[uuid.UUID] = field(default_factory=list)
     auto_finetune: list[uuid.UUID] = field(default_factory=list)  # the fine-tune the policy queued, if any
+    chunks_requeued: list[uuid.UUID] = field(default_factory=list)  # chunks of a sharded reindex
+    chunks_failed: list[uuid.UUID] = field(default_factory=list)
     erased: int = 0
     erasures_pending: int = 0
 
@@ -108,6 +110,50 @@ def _recover_lost_workers(
     return [(row.id, row.kind) for row in requeued]
 
 
+def _recover_lost_chunks(session: Session, settings: Settings, now: datetime, report: SweepReport) -> None:
+    """A running chunk whose heartbeat stopped is handed back alone while it has attempts left, else failed
+    (which fails its job: the job's worker sees it). Requeued chunks are re-sent; the job's worker would
+    take them anyway. Chunks of a job that has ended, left queued or by a dead worker, are closed."""
+    cutoff = now - timedelta(seconds=settings.job_heartbeat_timeout_s)
+    stale = and_(
+        JobChunk.status == JobStatus.RUNNING,
+        func.coalesce(JobChunk.heartbeat_at, JobChunk.started_at, JobChunk.created_at) < cutoff,
+    )
+    job_open = exists().where(
+        Job.id == JobChunk.job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])
+    )
+    session.execute(
+        update(JobChunk)
+        .where(or_(stale, JobChunk.status == JobStatus.QUEUED), ~job_open)
+        .values(status=JobStatus.CANCELLED, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    failed = session.execute(
+        update(JobChunk)
+        .where(stale, JobChunk.attempts >= JobChunk.max_attempts)
+        .values(
+            status=JobStatus.FAILED,
+            finished_at=now,
+            error={
+                "type": "worker-lost",
+                "title": "Worker lost",
+                "detail": "its worker stopped sending heartbeats and the chunk has used all its attempts",
+            },
+        )
+        .returning(JobChunk.id)
+        .execution_options(synchronize_session=False)
+    ).scalars()
+    report.chunks_failed.extend(failed)
+    requeued = session.execute(
+        update(JobChunk)
+        .where(stale, JobChunk.attempts < JobChunk.max_attempts)
+        .values(status=JobStatus.QUEUED, worker=None, heartbeat_at=None)
+        .returning(JobChunk.id)
+        .execution_options(synchronize_session=False)
+    ).scalars()
+    report.chunks_requeued.extend(requeued)
+
+
 def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
     """One pass: recover jobs of dead workers, re-send queued jobs whose message may be lost, finish the
     erasures of files the blob store refused to remove (app/erasures.py), then apply the auto fine-tune
@@ -116,6 +162,13 @@ def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
     report = SweepReport()
     with session_scope(settings.database_url) as session:
         to_send = _recover_lost_workers(session, settings, now, report)
+    with session_scope(settings.database_url) as session:
+        _recover_lost_chunks(session, settings, now, report)
+    for chunk_id in report.chunks_requeued:
+        try:
+            send_chunk(settings, chunk_id)
+        except Exception:
+            log.warning("could not re-send chunk %s; its job's worker takes it", chunk_id)
     with session_scope(settings.database_url) as session:
         resent = _claim_lost_messages(session, settings, now)
     report.resent.extend(job_id for job_id, _ in resent)
@@ -135,14 +188,18 @@ def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
         log.exception("auto fine-tune policy failed; the next sweep tries again")
     else:
         report.auto_finetune.extend([queued] if queued is not None else [])
-    if any((report.requeued, report.failed, report.cancelled, report.resent, report.erased)):
+    chunks = (report.chunks_requeued, report.chunks_failed)
+    if any((report.requeued, report.failed, report.cancelled, report.resent, report.erased, *chunks)):
         log.info(
-            "sweep: %d re-sent, %d requeued, %d failed (worker lost), %d cancelled, %d files erased",
+            "sweep: %d re-sent, %d requeued, %d failed (worker lost), %d cancelled, %d files erased, "
+            "%d chunks requeued, %d chunks failed",
             len(report.resent),
             len(report.requeued),
             len(report.failed),
             len(report.cancelled),
             report.erased,
+            len(report.chunks_requeued),
+            len(report.chunks_failed),
         )
     return report
 

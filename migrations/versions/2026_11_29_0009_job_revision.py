@@ -1,7 +1,7 @@
 """`jobs.revision`: a counter bumped by every update of a job row, the id of its progress events.
 
 Revision ID: 2026_11_29_0009
-Revises: 2026_11_29_0007
+Revises: 2026_11_29_0008
 Create Date: 2026-11-29 15:30:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "2026_11_29_0009"
-down_revision: str | Sequence[str] | None = "2026_11_29_0007"
+down_revision: str | Sequence[str] | None = "2026_11_29_0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -35,6 +35,7 @@ CHECK_CONSTRAINTS = {
     "models": {"ck_models_status", "ck_models_arch"},
     "evaluations": {"ck_evaluations_split"},
     "review_leases": {"ck_review_leases_distinct_faces", "ck_review_leases_split"},
+    "job_chunks": {"ck_job_chunks_status"},
 }
 BEFORE_NAMED_CONSTRAINTS = "2026_11_28_0001"
 BEFORE_UNIQUE_MODELS = "2026_11_29_0004"

@@ -256,7 +256,10 @@ def test_serve_runs_blas_single_threaded_before_numpy_loads(monkeypatch: pytest.
         lambda *_args, **_kw: seen.update(blas=os.environ.get("OPENBLAS_NUM_THREADS")),
     )
 
-    assert service_commands.run_serve(argparse.Namespace(host="127.0.0.1", port=1, log_level="info")) == 0
+    assert (
+        service_commands.run_serve(argparse.Namespace(host="127.0.0.1", port=1, log_level="info", workers=1))
+        == 0
+    )
 
     assert seen == {"blas": "1"}
     probe = "import sys, worker.cli, worker.cli.service_commands; print('numpy' in sys.modules)"

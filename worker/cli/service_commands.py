@@ -7,11 +7,14 @@ stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from worker.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, CommandError, emit, error
@@ -133,7 +136,27 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="api processes sharing the port (uvicorn workers; default 1). Each runs the app and its "
+        f"sweeper; per-process state (the write-rate limit) applies in each. At most {MAX_API_WORKERS}.",
+    )
     parser.set_defaults(handler=run_serve)
+
+
+MAX_API_WORKERS = 64
+
+
+def _workers(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= count <= MAX_API_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_API_WORKERS}")
+    return count
 
 
 # The api runs BLAS single-threaded: its parallelism is concurrent requests, and a multi-threaded BLAS under
@@ -149,12 +172,43 @@ def run_serve(args: argparse.Namespace) -> int:
     from app.memory import return_large_blocks_to_the_os
 
     return_large_blocks_to_the_os()  # decoded uploads' bitmaps must not stay with each request thread
-    serve_app(API_APP, host=args.host, port=args.port, log_level=args.log_level, factory=True)
+    if args.workers == 1:
+        serve_app(API_APP, host=args.host, port=args.port, log_level=args.log_level, factory=True)
+        return EXIT_OK
+    with _prometheus_dir():
+        serve_app(
+            API_APP,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            factory=True,
+            workers=args.workers,
+        )
     return EXIT_OK
 
 
-def serve_app(app: str, *, host: str, port: int, log_level: str = "info", factory: bool = False) -> None:
-    """uvicorn as the api runs it; `bench/` serves its bare baseline through here too, to compare alike."""
+@contextlib.contextmanager
+def _prometheus_dir() -> Iterator[None]:
+    """Several api processes share `/metrics` figures through prometheus_client's multiprocess mode: a
+    fresh directory for this run unless PROMETHEUS_MULTIPROC_DIR names one (app/observability.py)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="magtune-metrics-") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # the workers inherit it when they start
+        try:
+            yield
+        finally:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+def serve_app(
+    app: str, *, host: str, port: int, log_level: str = "info", factory: bool = False, workers: int = 1
+) -> None:
+    """uvicorn as the api runs it; `bench/` serves its bare baseline through here too, to compare alike.
+
+    With `workers` above 1 uvicorn's supervisor starts that many processes, each importing `app` and
+    sharing the listening socket; the kernel spreads connections over them."""
     import uvicorn
 
     uvicorn.run(
@@ -165,6 +219,7 @@ def serve_app(app: str, *, host: str, port: int, log_level: str = "info", factor
         log_level=log_level,
         log_config=_log_config(log_level),
         proxy_headers=True,
+        workers=workers if workers > 1 else None,
     )
 
 
@@ -191,6 +246,11 @@ def _register_worker(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1: one per GPU)")
     parser.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
+    parser.add_argument(
+        "--name",
+        help="Celery node name, e.g. gpu1@%%h, for several workers on one machine (default celery@%%h, or "
+        "embed@%%h on the embed queue); it begins the worker name that jobs and chunks record",
+    )
     parser.set_defaults(handler=run_worker)
 
 
@@ -214,7 +274,8 @@ def run_worker(args: argparse.Namespace) -> int:
         "prefork",
         "--max-tasks-per-child",
         str(per_child),
-        *(["--hostname", f"{queue}@%h"] if queue == settings.embed_queue_name else []),
+        *(["--hostname", args.name] if args.name else []),
+        *(["--hostname", f"{queue}@%h"] if queue == settings.embed_queue_name and not args.name else []),
         "--prefetch-multiplier",
         "1",
         "--loglevel",
@@ -247,12 +308,10 @@ def run_sweep(_args: argparse.Namespace) -> int:
 
 
 def _sweep_json(report: dict[str, list[uuid.UUID] | int]) -> dict[str, Any]:
-    """Each list of job ids with its count; plain counts (erasures) as they are."""
-    jobs = {name: ids for name, ids in report.items() if isinstance(ids, list)}
-    counts = {name: count for name, count in report.items() if isinstance(count, int)}
+    """The ids of what each step touched, and their counts (steps that count files give a number)."""
     return {
-        "counts": {**{name: len(ids) for name, ids in jobs.items()}, **counts},
-        **{name: [str(job_id) for job_id in ids] for name, ids in jobs.items()},
+        "counts": {name: len(ids) if isinstance(ids, list) else ids for name, ids in report.items()},
+        **{name: [str(i) for i in ids] for name, ids in report.items() if isinstance(ids, list)},
     }
 
 

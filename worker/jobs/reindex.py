@@ -29,8 +29,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.domain import JobKind
 from app.models.serving import mark_embedded_if_complete, missing_faces
 from app.tables import EmbeddingGeneration, Face, FaceEmbedding, utcnow
@@ -50,6 +52,18 @@ from worker.ml.preprocessing import ImageDecodeError
 from worker.runtime import JobContext
 
 log = logging.getLogger(__name__)
+
+
+class PassContext(Protocol):
+    """What the batch helpers need of a job's or a chunk's context: settings, sessions, an id to log."""
+
+    settings: Settings
+
+    @property
+    def job(self) -> Any: ...
+
+    def session(self) -> AbstractContextManager[Session]: ...
+
 
 Cursor = tuple[Any, uuid.UUID]  # (created_at, id) of the last face a query returned
 NIL = uuid.UUID(int=0)  # (t, NIL) is the position just before every face created at t
@@ -74,19 +88,28 @@ def _insert(session: Session) -> Any:
 
 
 def _missing_batch(
-    session: Session, model_id: uuid.UUID, after: Cursor | None, skipped: set[uuid.UUID], limit: int
+    session: Session,
+    model_id: uuid.UUID,
+    after: Cursor | None,
+    skipped: set[uuid.UUID],
+    limit: int,
+    until: Cursor | None = None,
 ) -> list[Row[Any]]:
     """The next faces without an embedding by the model, in (created_at, id) order after `after`.
 
     The cursor keeps each query from rescanning the faces the pass has embedded already (on millions of faces,
     restarting from the oldest every batch would be quadratic); `after=None` starts from the oldest, which
-    catches faces committed late with an earlier timestamp. Faces in `skipped` (undecodable) are left out.
+    catches faces committed late with an earlier timestamp. Faces in `skipped` (undecodable) are left out;
+    `until` (a chunk's end) is the last position taken.
     """
     embedded = exists().where(FaceEmbedding.face_id == Face.id, FaceEmbedding.model_id == model_id)
     statement = select(Face.id, Face.sha256, Face.created_at).where(~embedded)
     if after is not None:
         last = tuple_(literal(after[0], Face.created_at.type), literal(after[1], Face.id.type))
         statement = statement.where(tuple_(Face.created_at, Face.id) > last)
+    if until is not None:
+        end = tuple_(literal(until[0], Face.created_at.type), literal(until[1], Face.id.type))
+        statement = statement.where(tuple_(Face.created_at, Face.id) <= end)
     if skipped:
         statement = statement.where(Face.id.not_in(skipped))
     return list(session.execute(statement.order_by(Face.created_at, Face.id).limit(limit)).all())
@@ -141,7 +164,7 @@ def _insert_rows(session: Session, rows: list[dict[str, Any]]) -> int:
 
 
 def _write(
-    ctx: JobContext, model_id: uuid.UUID, rows: list[dict[str, Any]], watermark: Cursor | None = None
+    ctx: PassContext, model_id: uuid.UUID, rows: list[dict[str, Any]], watermark: Cursor | None = None
 ) -> tuple[int, int | None]:
     """Write one batch in one transaction under a new generation: (rows inserted, generation).
 
@@ -172,7 +195,7 @@ def _write(
 
 
 def _embed_rows(
-    ctx: JobContext, model: LoadedModel, batch: list[Row[Any]], skipped: set[uuid.UUID]
+    ctx: PassContext, model: LoadedModel, batch: list[Row[Any]], skipped: set[uuid.UUID]
 ) -> list[dict[str, Any]]:
     """Decode and embed a batch; faces that cannot be decoded are added to `skipped`."""
     store = blob_store(ctx.settings)
@@ -226,14 +249,29 @@ def _run(ctx: JobContext) -> dict[str, Any]:
         missing = missing_faces(session, model.id) if full else None
     batch_size = ctx.settings.reindex_batch_size
     skipped: set[uuid.UUID] = set()
-    embedded = batches = 0
+    embedded = batches = chunks = 0
+    if full:
+        from worker.jobs.reindex_chunks import run_sharded
+
+        sharded = run_sharded(ctx, model, missing)
+        if sharded is not None:  # what is left is the final pass from the oldest face: arrivals, retries
+            chunks, embedded, batches = sharded.chunks, sharded.embedded, sharded.batches
+    shards = {"chunks": chunks, "chunks_done": chunks} if chunks else {}
     generation: int | None = None
     wrote_watermark = pending = False  # whether a batch recorded the watermark; whether it moved since
     # Every face at or before `covered` is embedded or skipped (a gapless stretch from the oldest face);
     # the scan goes on from `cursor`.
     covered = recorded
     cursor: Cursor | None = None if full else recorded
-    ctx.progress(phase="embedding", missing=missing, embedded=0, skipped=0, batches=0, force=True)
+    ctx.progress(
+        phase="embedding",
+        missing=missing,
+        embedded=embedded,
+        skipped=0,
+        batches=batches,
+        force=True,
+        **shards,
+    )
     while True:
         ctx.raise_if_cancelled(f"after {embedded} faces")
         asked = utcnow()
@@ -269,6 +307,7 @@ def _run(ctx: JobContext) -> dict[str, Any]:
             skipped=len(skipped),
             batches=batches,
             force=batches == 1,
+            **shards,
         )
     # An embed job whose batches recorded the watermark leaves it there: its last, empty, query moved it on by
     # moments only. Otherwise (a reindex; an embed job that found its faces embedded by the one before, or
@@ -293,6 +332,7 @@ def _run(ctx: JobContext) -> dict[str, Any]:
         skipped=len(skipped),
         batches=batches,
         force=True,
+        **shards,
     )
     log.info(
         "job %s: model %s embedded %d faces in %d batches (%d skipped, %d still missing)",
@@ -310,6 +350,7 @@ def _run(ctx: JobContext) -> dict[str, Any]:
         "skipped": len(skipped),
         "still_missing": still_missing,
         "batches": batches,
+        "chunks": chunks,
         "generation": generation,
         "complete": complete,
         "seconds": round(time.monotonic() - started, 3),

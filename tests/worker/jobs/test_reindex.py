@@ -18,10 +18,12 @@ from app.blobs import BlobStore
 from app.config import Settings
 from app.db import session_scope
 from app.models.serving import serving_model
-from app.tables import Activation, EmbeddingGeneration, Face, FaceEmbedding, Job, utcnow
+from app.tables import Activation, EmbeddingGeneration, Face, FaceEmbedding, Job, JobChunk, utcnow
+from tests.queues import QueueProbe
 from tests.worker.factories import TIMINGS, add_face, add_job, add_ready_base, get_job, run_in_process
 from tests.worker.johns import johns_images
-from worker.jobs import model_cache
+from worker.chunk_runtime import ChunkContext
+from worker.jobs import model_cache, reindex_chunks
 from worker.jobs import reindex as embedding_pass
 from worker.runtime import Timings
 
@@ -410,3 +412,80 @@ def test_an_embed_job_runs_with_its_own_torch_threads_and_restores_them(
     assert run_in_process(settings, job.id).status == "succeeded"
     assert seen == [threads or before], "a reindex (on the gpu queue) keeps torch's default"
     assert torch.get_num_threads() == before
+
+
+def test_a_reindex_larger_than_a_chunk_runs_as_chunks_each_face_embedded_once(
+    settings: Settings, store: BlobStore, johns_dir: Path, mobilefacenet_checkpoint: Path, broker: QueueProbe
+) -> None:
+    """No other worker listens here: the job's own worker takes every chunk, and sends one message each."""
+    settings.reindex_batch_size, settings.reindex_chunk_size = 2, 4
+    images = _images(johns_dir, 11)
+    with session_scope(settings.database_url) as session:
+        base = add_ready_base(session, store, mobilefacenet_checkpoint)
+        faces = [add_face(session, store, data, settings) for data in images]
+        session.add(FaceEmbedding(face_id=faces[0].id, model_id=base.id, vector=b"\1" * 512, quality=1.0))
+        job = add_job(session, "reindex", {"model": str(base.id)})
+
+    assert run_in_process(settings, job.id).status == "succeeded"
+    with session_scope(settings.database_url) as session:
+        done = get_job(session, job.id)
+        chunks = session.scalars(
+            select(JobChunk).where(JobChunk.job_id == job.id).order_by(JobChunk.seq)
+        ).all()
+        embedded = session.scalars(
+            select(FaceEmbedding.face_id).where(FaceEmbedding.model_id == base.id)
+        ).all()
+        assert [(c.status, c.attempts, c.worker) for c in chunks] == [("succeeded", 1, "test-worker")] * 3
+        assert [c.progress["embedded"] for c in chunks] == [4, 4, 2]
+        assert sorted(broker.sent_job_ids()) == sorted(str(c.id) for c in chunks)
+    assert sorted(embedded) == sorted(face.id for face in faces), "every face, once"
+    assert (done.result["chunks"], done.result["missing"], done.result["embedded"]) == (3, 10, 10)
+    assert done.result["complete"] is True and done.result["still_missing"] == 0
+    assert (done.progress["chunks"], done.progress["chunks_done"]) == (3, 3)
+
+
+def test_a_cancel_stops_every_chunk_and_a_chunk_out_of_attempts_fails_the_job(
+    settings: Settings, store: BlobStore, johns_dir: Path, mobilefacenet_checkpoint: Path
+) -> None:
+    settings.reindex_batch_size, settings.reindex_chunk_size = 2, 3
+    with session_scope(settings.database_url) as session:
+        base = add_ready_base(session, store, mobilefacenet_checkpoint)
+        for data in _images(johns_dir, 9):
+            add_face(session, store, data, settings)
+        cancelled = add_job(session, "reindex", {"model": str(base.id)})
+        failing = add_job(session, "reindex", {"model": str(base.id)})
+
+    calls = 0
+
+    def cancel_during_the_second_chunk(ctx: ChunkContext) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            with session_scope(settings.database_url) as session:
+                session.execute(update(Job).where(Job.id == cancelled.id).values(cancel_requested=True))
+            ctx.raise_if_stopped()
+        return {"embedded": 0, "batches": 0}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reindex_chunks, "embed_chunk", cancel_during_the_second_chunk)
+        assert run_in_process(settings, cancelled.id, EVERY_BATCH).status == "cancelled"
+    with session_scope(settings.database_url) as session:
+        states = session.scalars(
+            select(JobChunk.status).where(JobChunk.job_id == cancelled.id).order_by(JobChunk.seq)
+        ).all()
+    assert states == ["succeeded", "cancelled", "cancelled"]
+
+    def broken(_ctx: ChunkContext) -> dict[str, Any]:
+        raise RuntimeError("no GPU memory")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reindex_chunks, "embed_chunk", broken)
+        outcome = run_in_process(settings, failing.id, EVERY_BATCH)
+    assert outcome.status == "failed" and outcome.error is not None
+    assert outcome.error["type"] == "chunk-failed"
+    assert "chunk 0 failed after 3 attempts: RuntimeError: no GPU memory" in outcome.error["detail"]
+    with session_scope(settings.database_url) as session:
+        states = session.scalars(
+            select(JobChunk.status).where(JobChunk.job_id == failing.id).order_by(JobChunk.seq)
+        ).all()
+    assert states == ["failed", "cancelled", "cancelled"]

@@ -109,7 +109,8 @@ def test_review_with_the_keyboard_and_scoped_controls(
         faces = _upload_cmu(http, shared_dir)
         wait_embedded(http, list(faces))
 
-        page = _open_console(browser, up.url, _issue(http, "reviewer", REVIEWER_SCOPES), requests)
+        reviewer_key = _issue(http, "reviewer", REVIEWER_SCOPES)
+        page = _open_console(browser, up.url, reviewer_key, requests)
         assert page.is_visible("nav button[data-page=review]")
         assert not page.is_visible("nav button[data-page=jobs]"), "the key cannot read jobs"
         page.wait_for_selector("#review-pair:not([hidden])")
@@ -148,11 +149,12 @@ def test_review_with_the_keyboard_and_scoped_controls(
         assert set(page.get_attribute("#review-pair", "data-pair").split()) != undone
         assert len(_feedback(http)) == LABELS - 1
 
-        # The lease of the pair on screen ends meanwhile (as an expired one would): the answer is kept,
-        # posted without the lease.
+        # The lease of the pair on screen ends meanwhile (as an expired one would; only its holder, the
+        # reviewer's key, may release it): the answer is kept, posted without the lease.
         lease = page.get_attribute("#review-pair", "data-lease")
         face_a, face_b = page.get_attribute("#review-pair", "data-pair").split()
-        assert http.delete(f"/v1/review/leases/{lease}").status_code == 204
+        with client_with_key(up.url, reviewer_key) as reviewer:
+            assert reviewer.delete(f"/v1/review/leases/{lease}").status_code == 204
         page.keyboard.press("d")
         page.wait_for_function(
             "n => document.getElementById('review-count').textContent === String(n)", arg=LABELS

@@ -4,7 +4,6 @@ Checkpoints are written with torch here; the reader itself never imports it.
 """
 
 import collections
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -20,15 +19,8 @@ from app.models.checkpoint_keys import (
     fitting_arch,
     raw_tensor_shapes,
 )
+from tests.app.checkpoint_files import RunsAShellCommand
 from worker.ml.checkpoints import read_state_dict
-
-
-class RunsAShellCommand:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.marker}",))
 
 
 def weights(arch: str, prefix: str = "") -> dict[str, torch.Tensor]:

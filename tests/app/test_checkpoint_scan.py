@@ -7,7 +7,6 @@ weights-only load must read what the scan passes.
 
 import collections
 import io
-import os
 import pickle
 import struct
 import time
@@ -29,6 +28,7 @@ from app.models.checkpoint_scan import (
     scan_checkpoint,
 )
 from app.tables import Job, ModelVersion
+from tests.app.checkpoint_files import RunsAShellCommand, saved
 from tests.app.factories import count_rows
 from tests.app.problems import assert_problem
 from tests.queues import QueueProbe
@@ -37,22 +37,6 @@ from tests.worker.ml.magface import magface_layout
 # A refusal is decided within the first few kilobytes or by sizes read from the zip's directory: well under
 # this, where the previous scan took 20 s on the NONE/POP bomb. Generous for a shared, loaded machine.
 QUICK_S = 0.5
-
-
-class RunsAShellCommand:
-    """Unpickling this runs a shell command: what a malicious checkpoint carries."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.marker}",))
-
-
-def saved(obj: object, *, legacy: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
-    return buffer.getvalue()
 
 
 def weights(arch: str = "iresnet18") -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ The tests build checkpoints with torch (the api itself never imports it).
 
 import collections
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -29,26 +28,11 @@ from app.models.checkpoint_scan import ALLOWED_GLOBALS, CheckpointRejected, scan
 from app.models.service import activate, validation_jobs_by_model
 from app.models.serving import mark_embedded_if_complete
 from app.tables import Activation, FaceEmbedding, Job, ModelVersion, utcnow
+from tests.app.checkpoint_files import RunsAShellCommand, saved
 from tests.app.factories import count_rows, insert_face, insert_job, insert_model
 from tests.app.problems import assert_problem
 from tests.keys import bearer, issue_test_key, key_id
 from tests.queues import QueueProbe
-
-
-class RunsAShellCommand:
-    """Unpickling this runs a shell command: what a malicious checkpoint looks like."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.marker}",))
-
-
-def saved(obj: object, *, legacy: bool = False) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
-    return buffer.getvalue()
 
 
 def backbone_weights(

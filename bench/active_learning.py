@@ -46,6 +46,7 @@ from processes import (
     print_report,
     server,
     uptime,
+    wait_job,
     worker,
 )
 
@@ -144,14 +145,9 @@ class HeldOutMeasure:
 # The service.
 
 
-def wait_job(client: Any, job_id: str, timeout_s: float = 1800) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.5)
-    raise RuntimeError(f"job {job_id} did not finish in {timeout_s} s")
+def wait_for(client: Any, job_id: str) -> dict[str, Any]:
+    """A job of the loop (a fine-tune on CPU may take many minutes on a busy machine)."""
+    return wait_job(client, job_id, timeout_s=1800, poll_s=0.5)
 
 
 def expect(response: Any, *codes: int) -> Any:
@@ -176,12 +172,12 @@ def upload_pool(client: Any, pool: list[tuple[Path, str]]) -> dict[str, str]:
 def register_and_activate(client: Any, checkpoint: Path, arch: str) -> str:
     files = {"file": (checkpoint.name, checkpoint.read_bytes(), "application/octet-stream")}
     model = expect(client.post("/v1/models", files=files, data={"arch": arch}), 201, 202)
-    if wait_job(client, model["validation_job_id"])["status"] != "succeeded":
+    if wait_for(client, model["validation_job_id"])["status"] != "succeeded":
         raise RuntimeError("the checkpoint did not validate")
     activation = expect(
         client.post(f"/v1/models/{model['id']}/activate", json={"reason": "bench"}), 200, 201, 202
     )
-    wait_job(client, activation["reindex_job_id"])
+    wait_for(client, activation["reindex_job_id"])
     return str(model["id"])
 
 
@@ -302,11 +298,11 @@ def run_strategy(
                 else:
                     labels += random_page(client, labeller, args.page, rng)
                 job = expect(client.post("/v1/jobs", json={"kind": "finetune", "params": params}), 202)
-                job = wait_job(client, str(job["id"]))
+                job = wait_for(client, str(job["id"]))
                 result = job.get("result") or {}
                 gate = result.get("gate") or {}
                 if result.get("reindex_job_id"):
-                    wait_job(client, str(result["reindex_job_id"]))
+                    wait_for(client, str(result["reindex_job_id"]))
                 candidate = None
                 if result.get("model_id"):
                     child = str(result["model_id"])

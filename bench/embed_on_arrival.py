@@ -46,6 +46,7 @@ from processes import (
     print_report,
     server,
     uptime,
+    wait_job,
     worker,
 )
 
@@ -126,23 +127,16 @@ def bare_forward(seconds: float) -> dict[str, Any]:
 # The service.
 
 
-def wait_job(client: Any, job_id: str, timeout_s: float = 300) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.2)
-    raise RuntimeError(f"job {job_id} did not finish")
+JOB_TIMEOUT_S = 300
 
 
 def activate_model(client: Any) -> str:
     files = {"file": (CHECKPOINT.name, CHECKPOINT.read_bytes(), "application/octet-stream")}
     registered = client.post("/v1/models", files=files, data={"arch": "mobilefacenet"}).json()
-    if wait_job(client, registered["validation_job_id"])["status"] != "succeeded":
+    if wait_job(client, registered["validation_job_id"], timeout_s=JOB_TIMEOUT_S)["status"] != "succeeded":
         raise RuntimeError("the checkpoint did not validate")
     activation = client.post(f"/v1/models/{registered['id']}/activate", json={"reason": "bench"}).json()
-    wait_job(client, activation["reindex_job_id"])
+    wait_job(client, activation["reindex_job_id"], timeout_s=JOB_TIMEOUT_S)
     return str(registered["id"])
 
 

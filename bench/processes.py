@@ -132,6 +132,17 @@ def worker(command: list[str], env: dict[str, str], log: Path) -> Iterator[subpr
         yield started
 
 
+def wait_job(client: Any, job_id: str, *, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any]:
+    """The job (GET /v1/jobs/{id} through `client`) once it is no longer queued or running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(poll_s)
+    raise RuntimeError(f"job {job_id} did not finish in {timeout_s} s")
+
+
 # The machine, and the report.
 
 

@@ -17,6 +17,10 @@ Definitions where the literature varies:
   one with the lowest FAR (the highest threshold) is reported. When only rejecting every pair stays under f,
   TAR and FAR are 0 and the threshold is the smallest float above the top score. ``enough_negatives`` says
   whether N_neg ≥ 3 / f, the fewest negatives for which FAR ≤ f is more than one lucky pair.
+- ``roc`` is the curve for drawing, not for computing: at most ``ROC_POINTS`` vertices (FAR, TAR) from
+  (0, 0) to (1, 1), every vertex when there are that few, else the first vertex at or past each of
+  ``ROC_POINTS`` even steps along FAR + TAR (which grows at every vertex), so a steep start gets as many
+  points as a long flat tail. Rounded to ``ROC_DECIMALS``: a stored evaluation stays a few kilobytes.
 - The best-accuracy threshold sits midway between the lowest accepted score and the next lower score, so it
   does not sit on a training score; among equally accurate thresholds the one closest to the EER point
   (smallest |FAR − FRR|) wins, then the higher one.
@@ -33,6 +37,8 @@ from numpy.typing import ArrayLike
 FAR_TARGETS: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
 FIXED_THRESHOLD = 0.4  # the original library's threshold, still reported for comparison
 MIN_NEGATIVES_PER_FAR = 3
+ROC_POINTS = 100
+ROC_DECIMALS = 4
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,22 @@ def _roc_auc(roc: _Roc) -> float:
     return float(np.sum(np.diff(far) * (tar[1:] + tar[:-1])) / 2)
 
 
+def _roc_points(roc: _Roc, max_points: int = ROC_POINTS) -> dict[str, list[float]]:
+    """The ROC downsampled for drawing (see the module's docstring): {"far": [...], "tar": [...]}."""
+    if max_points < 2:
+        raise ValueError("a curve needs at least its two ends")
+    far = roc.fp / roc.negatives
+    tar = roc.tp / roc.positives
+    if far.size > max_points:
+        travelled = far + tar  # strictly increasing from 0 to 2: each vertex accepts more pairs
+        keep = np.unique(np.searchsorted(travelled, np.linspace(0.0, 2.0, max_points), side="left"))
+        far, tar = far[keep], tar[keep]
+    return {
+        "far": [round(float(v), ROC_DECIMALS) for v in far],
+        "tar": [round(float(v), ROC_DECIMALS) for v in tar],
+    }
+
+
 def _eer(roc: _Roc) -> tuple[float, float]:
     d = roc.imbalance
     k = int(np.searchsorted(-d, 0, side="left"))  # first vertex with FAR ≥ FRR; d[0] = P·N > 0, d[-1] < 0
@@ -185,6 +207,7 @@ def pair_metrics(
         "at_threshold": _at_threshold(s, y, threshold),
         "at_0_4": _at_threshold(s, y, FIXED_THRESHOLD),
         "roc_auc": _roc_auc(roc) if roc else None,
+        "roc": _roc_points(roc) if roc else None,
         "eer": eer,
         "eer_threshold": eer_threshold,
         "tar_at_far": [_tar_at_far(roc or empty_roc, f) for f in far_targets],

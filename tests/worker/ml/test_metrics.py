@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score, roc_curve
 
-from worker.ml.metrics import FAR_TARGETS, calibrate_threshold, pair_metrics
+from worker.ml.metrics import FAR_TARGETS, ROC_POINTS, calibrate_threshold, pair_metrics
 
 
 def _dataset(kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -224,3 +224,30 @@ def test_results_are_plain_json(kind: str) -> None:
 def test_bad_input_is_rejected(scores: list[float], labels: list[int]) -> None:
     with pytest.raises(ValueError):
         pair_metrics(scores, labels, 0.4)
+
+
+def test_the_roc_of_a_few_pairs_is_every_vertex() -> None:
+    # Worked by hand: 3 same, 2 different. Lowering the threshold accepts 0.9 (a same), then the tie at 0.8
+    # (a same and a different: one vertex moves both), 0.6 (a same), then 0.5 (a different).
+    scores = [0.9, 0.8, 0.8, 0.6, 0.5]
+    labels = [1, 1, 0, 1, 0]
+    roc = pair_metrics(scores, labels, None)["roc"]
+    assert roc == {
+        "far": [0.0, 0.0, 0.5, 0.5, 1.0],
+        "tar": [0.0, 0.3333, 0.6667, 1.0, 1.0],
+    }
+    assert pair_metrics(scores, [1] * 5, None)["roc"] is None, "no curve without both labels"
+
+
+def test_a_long_roc_is_downsampled_to_true_vertices_from_corner_to_corner() -> None:
+    scores, labels = _dataset("random")
+    roc = pair_metrics(scores, labels, None)["roc"]
+    far, tar = np.array(roc["far"]), np.array(roc["tar"])
+    assert 50 <= far.size <= ROC_POINTS
+    assert (far[0], tar[0], far[-1], tar[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert (np.diff(far) >= 0).all() and (np.diff(tar) >= 0).all()
+    exact_far, exact_tar, _ = roc_curve(labels, scores, drop_intermediate=False)
+    vertices = set(zip(np.round(exact_far, 4), np.round(exact_tar, 4), strict=True))
+    assert set(zip(far, tar, strict=True)) <= vertices
+    # The drawn curve encloses about the true area.
+    assert np.trapezoid(tar, far) == pytest.approx(roc_auc_score(labels, scores), abs=0.01)

@@ -77,17 +77,18 @@ def vectors_of(
     return {face_id: vector for face_id, vector in session.execute(statement)}
 
 
-def embedded_faces(
+def embedding_qualities(
     session: Session, model_id: uuid.UUID | None, face_ids: Iterable[uuid.UUID]
-) -> set[uuid.UUID]:
-    """Which of these faces `model_id` has embedded, in one query (none when no model serves)."""
+) -> dict[uuid.UUID, float]:
+    """The quality (MagFace's: the norm of the un-normalised embedding) of those faces `model_id` has
+    embedded, in one query; a face missing from the answer is not embedded (none is when no model serves)."""
     ids = list(face_ids)
     if model_id is None or not ids:
-        return set()
-    statement = select(FaceEmbedding.face_id).where(
+        return {}
+    statement = select(FaceEmbedding.face_id, FaceEmbedding.quality).where(
         FaceEmbedding.model_id == model_id, FaceEmbedding.face_id.in_(ids)
     )
-    return set(session.scalars(statement))
+    return {face_id: quality for face_id, quality in session.execute(statement)}
 
 
 def not_embedded(

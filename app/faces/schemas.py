@@ -27,6 +27,12 @@ class FaceOut(BaseModel):
         description="whether the serving model has embedded it (verify and search can use it); false "
         "when no model serves",
     )
+    quality: float | None = Field(
+        None,
+        description="the norm of the face's un-normalised embedding by the serving model (MagFace's quality: "
+        "higher for a clearer, more frontal face; a model trained otherwise gives a norm of no fixed scale); "
+        "null when not embedded",
+    )
     serving_model_id: uuid.UUID | None = Field(
         None, description="the model whose embeddings answer; null if none"
     )

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.blobs import BlobStore, StagedBlob
 from app.config import Settings
-from app.embeddings import embedded_faces, serving_model_id
+from app.embeddings import embedding_qualities, serving_model_id
 from app.erasures import finish_erasure, record_erasure
 from app.faces.images import DecodeLimits, inspect_image
 from app.faces.schemas import FaceOut
@@ -97,12 +97,17 @@ def queue_embedding(*, session: Session, settings: Settings) -> None:
 
 
 def faces_out(session: Session, faces: Sequence[Face]) -> list[FaceOut]:
-    """Faces as shown, each with whether the serving model has embedded it: two queries for any number."""
+    """Faces as shown, each with whether the serving model has embedded it and the quality it found: two
+    queries for any number."""
     model_id = serving_model_id(session)
-    embedded = embedded_faces(session, model_id, [face.id for face in faces])
+    qualities = embedding_qualities(session, model_id, [face.id for face in faces])
     return [
         FaceOut.model_validate(face).model_copy(
-            update={"embedded": face.id in embedded, "serving_model_id": model_id}
+            update={
+                "embedded": face.id in qualities,
+                "quality": qualities.get(face.id),
+                "serving_model_id": model_id,
+            }
         )
         for face in faces
     ]

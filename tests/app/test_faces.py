@@ -431,12 +431,15 @@ def test_a_failed_job_insert_does_not_lose_the_face(
     assert count_rows(settings, Face) == 1 and embed_jobs(settings) == []
 
 
-def test_faces_show_whether_the_serving_model_embedded_them(client: TestClient, settings: Settings) -> None:
+def test_faces_show_whether_the_serving_model_embedded_them_and_its_quality(
+    client: TestClient, settings: Settings
+) -> None:
     faces = [insert_face(settings) for _ in range(3)]
     old, new = insert_model(settings), insert_model(settings)
     with session_scope(settings.database_url) as session:
         session.add_all(
-            FaceEmbedding(face_id=f, model_id=old, vector=b"\0" * 8, quality=1.0) for f in faces[:2]
+            FaceEmbedding(face_id=f, model_id=old, vector=b"\0" * 8, quality=q)
+            for f, q in zip(faces[:2], (21.5, 7.25), strict=True)
         )
         session.add_all(FaceEmbedding(face_id=f, model_id=new, vector=b"\0" * 8, quality=1.0) for f in faces)
         session.add(Activation(model_id=old, embedded_at=utcnow()))
@@ -447,8 +450,10 @@ def test_faces_show_whether_the_serving_model_embedded_them(client: TestClient, 
     one = client.get(f"/v1/faces/{faces[2]}").json()
 
     assert [shown[str(f)]["embedded"] for f in faces] == [True, True, False]
+    assert [shown[str(f)]["quality"] for f in faces] == [21.5, 7.25, None], "the serving model's, not new's"
     assert {face["serving_model_id"] for face in shown.values()} == {str(old)}
-    assert (one["embedded"], one["serving_model_id"]) == (False, str(old))
+    assert (one["embedded"], one["quality"], one["serving_model_id"]) == (False, None, str(old))
+    assert client.get(f"/v1/faces/{faces[0]}").json()["quality"] == 21.5
 
 
 def test_no_serving_model_shows_no_face_embedded(client: TestClient, settings: Settings) -> None:
@@ -457,7 +462,7 @@ def test_no_serving_model_shows_no_face_embedded(client: TestClient, settings: S
     one = client.get(f"/v1/faces/{face}").json()
 
     assert one == client.get("/v1/faces").json()["items"][0]
-    assert (one["embedded"], one["serving_model_id"]) == (False, None)
+    assert (one["embedded"], one["quality"], one["serving_model_id"]) == (False, None, None)
 
 
 def test_a_page_of_faces_costs_the_same_queries_whatever_its_size(

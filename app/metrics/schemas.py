@@ -31,6 +31,28 @@ class FaceCounts(BaseModel):
     )
 
 
+class FeedbackSeriesPoint(BaseModel):
+    start: UtcDatetime = Field(description="the bucket's first instant (UTC)")
+    total: int
+    by_split_label: dict[str, dict[str, int]] = Field(
+        description='pairs created in the bucket per split, then label ("1" same, "0" different)'
+    )
+
+
+class FeedbackSeries(BaseModel):
+    """Feedback pairs created per bucket over a bounded window, oldest bucket first, zeros included."""
+
+    bucket: str = Field(description="hour or day (UTC-aligned)")
+    bucket_seconds: int
+    start: UtcDatetime = Field(description="the window's first instant")
+    end: UtcDatetime = Field(description="the instant after the window's last bucket")
+    splits: list[str]
+    wasted_split: str = Field(
+        description="the split of wasted labels: pairs whose faces fell in different splits, used by no job"
+    )
+    points: list[FeedbackSeriesPoint]
+
+
 class JobCounts(BaseModel):
     total: int
     by_status: dict[str, int]

@@ -27,7 +27,8 @@ from app.models.serving import missing_faces, serving_activation
 from app.splits import SPLIT_NAMES
 from app.tables import Activation, Evaluation, Face, FaceEmbedding, FeedbackPair, Job, ModelVersion
 
-FEEDBACK_SPLITS = (*SPLIT_NAMES, FeedbackSplit.REGRESSION)
+# Every split a pair may have, `cross` (the wasted labels) included, so a dashboard shows a zero as a zero.
+FEEDBACK_SPLITS: tuple[str, ...] = tuple(split.value for split in FeedbackSplit)
 LABELS = ("1", "0")
 COMPARED_SPLITS = (EvaluationSplit.TEST, EvaluationSplit.REGRESSION)
 

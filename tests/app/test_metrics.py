@@ -116,7 +116,7 @@ def test_the_dashboard_counts_and_compares(client: TestClient, settings: Setting
 
     assert body["feedback"]["total"] == 5
     assert body["feedback"]["by_label"] == {"1": 2, "0": 3}
-    assert body["feedback"]["by_split"] == {"train": 3, "val": 0, "test": 1, "regression": 1}
+    assert body["feedback"]["by_split"] == {"train": 3, "val": 0, "test": 1, "cross": 0, "regression": 1}
     assert body["feedback"]["by_split_label"]["train"] == {"1": 1, "0": 2}
     assert body["faces"] == {
         "total": 6,

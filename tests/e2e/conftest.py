@@ -60,13 +60,18 @@ def heartbeat_timeout_s() -> float:
     return 30.0
 
 
-@pytest.fixture
-def timing_settings(heartbeat_timeout_s: float) -> dict[str, str]:
+def quick_timing(heartbeat_timeout_s: float = 30.0) -> dict[str, str]:
+    """Heartbeats and sweeps every second, so lost workers are noticed within seconds."""
     return {
         "MAGTUNE_JOB_HEARTBEAT_INTERVAL_S": "1",
         "MAGTUNE_JOB_HEARTBEAT_TIMEOUT_S": str(heartbeat_timeout_s),
         "MAGTUNE_SWEEP_INTERVAL_S": "1",
     }
+
+
+@pytest.fixture
+def timing_settings(heartbeat_timeout_s: float) -> dict[str, str]:
+    return quick_timing(heartbeat_timeout_s)
 
 
 @pytest.fixture
@@ -92,22 +97,33 @@ def service_settings(
     return settings
 
 
+class Launcher:
+    """Starts `magtune` processes with their logs under one folder, and stops them all (newest first)."""
+
+    def __init__(self, workdir: Path, *, stop_timeout_s: float = 15.0) -> None:
+        self.workdir = workdir
+        self.stop_timeout_s = stop_timeout_s
+        self.started: list[ServiceProcess] = []
+
+    def __call__(self, name: str, args: list[str], settings: dict[str, str]) -> ServiceProcess:
+        service = ServiceProcess(name, args, service_environment(settings), self.workdir)
+        self.started.append(service)
+        return service.start()
+
+    def stop_all(self) -> None:
+        for service in reversed(self.started):
+            service.stop(timeout_s=self.stop_timeout_s)
+
+
 @pytest.fixture
 def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Launch]:
     """Start `magtune` processes for this test; all of them are stopped afterwards, whatever happened."""
-    started: list[ServiceProcess] = []
-    request.node.stash[SERVICES] = started
-
-    def start(name: str, args: list[str], settings: dict[str, str]) -> ServiceProcess:
-        service = ServiceProcess(name, args, service_environment(settings), tmp_path / "services")
-        started.append(service)
-        return service.start()
-
+    launcher = Launcher(tmp_path / "services")
+    request.node.stash[SERVICES] = launcher.started
     try:
-        yield start
+        yield launcher
     finally:
-        for service in reversed(started):
-            service.stop()
+        launcher.stop_all()
 
 
 def start_api(launch: Launch, settings: dict[str, str]) -> RunningApi:
@@ -118,18 +134,19 @@ def start_api(launch: Launch, settings: dict[str, str]) -> RunningApi:
     return RunningApi(url, process)
 
 
-@pytest.fixture
-def start_up(launch: Launch, timing_settings: dict[str, str]) -> Callable[[Path], RunningApi]:
+def start_up(launch: Launch, settings: dict[str, str], data_dir: Path) -> RunningApi:
     """Start `magtune up` (the embedded default) on a data directory and wait until its api is listening."""
+    port = free_port()
+    process = launch("up", ["up", "--port", str(port), "--data-dir", str(data_dir)], settings)
+    url = f"http://127.0.0.1:{port}"
+    process.wait_for_log(f"magtune api listening on {url}")
+    return RunningApi(url, process, printed_admin_key(process.log_text()))
 
-    def start(data_dir: Path) -> RunningApi:
-        port = free_port()
-        process = launch("up", ["up", "--port", str(port), "--data-dir", str(data_dir)], timing_settings)
-        url = f"http://127.0.0.1:{port}"
-        process.wait_for_log(f"magtune api listening on {url}")
-        return RunningApi(url, process, printed_admin_key(process.log_text()))
 
-    return start
+@pytest.fixture(name="start_up")
+def start_up_fixture(launch: Launch, timing_settings: dict[str, str]) -> Callable[[Path], RunningApi]:
+    """`start_up` for this test: `magtune up` on a data directory, stopped after the test."""
+    return lambda data_dir: start_up(launch, timing_settings, data_dir)
 
 
 # `service_settings` comes before `launch` in these signatures: fixtures are torn down in reverse order, so

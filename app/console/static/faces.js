@@ -1,5 +1,6 @@
-// Faces: a grid filtered by subject or split, each face marked embedded or not; a click shows its nearest
-// faces by the serving model (POST /v1/search), with their scores.
+// Faces: a grid filtered by subject or split, each face marked embedded or not, with its quality by the serving
+// model (the norm of its embedding before normalising: MagFace's quality); a click shows its nearest faces by
+// the serving model (POST /v1/search), with their scores.
 import { api, faceImage } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
@@ -45,11 +46,20 @@ async function load(event) {
   if (form.split.value) query.set("split", form.split.value);
   try {
     const page = await api("GET", `/v1/faces?${query}`);
+    // Quality has no fixed scale across models: each meter is relative to the best face on the page.
+    const best = Math.max(1e-9, ...page.items.map((face) => face.quality ?? 0));
     const grid = document.createElement("div");
     grid.className = "grid";
     for (const face of page.items) {
-      const figure = tile(face, `${face.subject || "–"} · ${face.split} · ${face.embedded ? "embedded" : "not embedded"}`);
+      const state = face.embedded ? `embedded · quality ${face.quality.toFixed(1)}` : "not embedded";
+      const figure = tile(face, `${face.subject || "–"} · ${face.split} · ${state}`);
       figure.dataset.embedded = String(face.embedded);
+      if (face.embedded) {
+        figure.dataset.quality = String(face.quality);
+        const meter = Object.assign(document.createElement("meter"), { min: 0, max: best, value: face.quality });
+        meter.title = `quality ${face.quality.toFixed(2)}: the norm of its embedding (higher: a clearer face)`;
+        figure.append(meter);
+      }
       figure.addEventListener("click", () => nearest(face));
       grid.append(figure);
     }

@@ -1,10 +1,10 @@
 // Jobs: the list with live progress from each unfinished job's event stream, cancel, start a fine-tune, and
 // the loss / val figures per epoch as an inline SVG chart.
 import { api, followJob } from "./api.js";
+import { svg } from "./charts.js";
 
 const $ = (id) => document.getElementById(id);
 const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
-const SVG = "http://www.w3.org/2000/svg";
 const followed = new Map(); // job id -> AbortController
 const epochs = new Map(); // job id -> [{epoch, loss, val_loss}]
 let scopes = new Set();
@@ -20,12 +20,9 @@ function cell(row, text) {
 
 function chart(points) {
   const w = 220, h = 60, pad = 4;
-  const svg = document.createElementNS(SVG, "svg");
-  svg.setAttribute("class", "chart");
-  svg.setAttribute("width", w);
-  svg.setAttribute("height", h);
+  const box = svg("svg", { class: "chart", width: w, height: h });
   const values = points.flatMap((p) => [p.loss, p.val_loss]).filter((v) => typeof v === "number");
-  if (points.length === 0 || values.length === 0) return svg;
+  if (points.length === 0 || values.length === 0) return box;
   const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1;
   const x = (i) => pad + (points.length === 1 ? (w - 2 * pad) / 2 : (i * (w - 2 * pad)) / (points.length - 1));
   const y = (v) => h - pad - ((v - lo) * (h - 2 * pad)) / span;
@@ -34,15 +31,10 @@ function chart(points) {
       .map((p, i) => (typeof p[key] === "number" ? `${x(i).toFixed(1)},${y(p[key]).toFixed(1)}` : null))
       .filter(Boolean);
     if (!d.length) continue;
-    const line = document.createElementNS(SVG, "polyline");
-    line.setAttribute("class", cls);
-    line.setAttribute("points", d.join(" "));
-    const title = document.createElementNS(SVG, "title");
-    title.textContent = `${key}: ${points.map((p) => p[key]?.toFixed?.(4) ?? "–").join(", ")}`;
-    line.append(title);
-    svg.append(line);
+    const title = `${key}: ${points.map((p) => p[key]?.toFixed?.(4) ?? "–").join(", ")}`;
+    box.append(svg("polyline", { class: cls, points: d.join(" ") }, svg("title", {}, title)));
   }
-  return svg;
+  return box;
 }
 
 function progressOf(job) {

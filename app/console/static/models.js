@@ -1,6 +1,8 @@
-// Models: the lineage as a tree, each model's newest figures per split beside its parent's, the activation
-// log, and activate / roll back (models:activate) after a confirmation that names the model in service.
+// Models: the lineage as a tree, each model's newest figures per split beside its parent's, the ROC curves of
+// a candidate and its parent on the same pairs, the activation log, and activate / roll back
+// (models:activate) after a confirmation that names the model in service.
 import { api } from "./api.js";
+import { unitLines } from "./charts.js";
 
 const $ = (id) => document.getElementById(id);
 // name -> how to read it from an evaluation's metrics (worker/ml/metrics.py pair_metrics)
@@ -40,6 +42,31 @@ function compare(model, parent) {
     }
   }
   return table;
+}
+
+// The candidate's ROC and its parent's on the same pairs: the evaluations one job recorded for both on one
+// set (same pairs_sha256; worker/jobs/comparison.py), newest first; one chart per set (test, regression).
+function rocCurves(model, parent) {
+  const box = document.createElement("div");
+  box.className = "roc";
+  if (!parent) return box;
+  for (const split of ["test", "regression"]) {
+    const mine = (model.evaluations || []).find((e) => e.split === split && e.metrics?.roc
+      && (parent.evaluations || []).some((p) => p.split === split && p.pairs_sha256 === e.pairs_sha256 && p.metrics?.roc));
+    if (!mine) continue;
+    const theirs = parent.evaluations.filter((p) => p.split === split && p.pairs_sha256 === mine.pairs_sha256 && p.metrics?.roc);
+    const same = theirs.find((p) => p.job_id === mine.job_id) || theirs[0];
+    const line = (e, who, className) => ({
+      x: e.metrics.roc.far, y: e.metrics.roc.tar, className, label: `${who} AUC ${fmt(e.metrics.roc_auc)}`,
+    });
+    const chart = unitLines([line(same, "parent", "parent"), line(mine, "candidate", "candidate")], {
+      xLabel: `FAR (${split}, ${mine.pair_count} pairs)`, yLabel: "TAR", className: "roc",
+    });
+    chart.dataset.split = split;
+    chart.dataset.pairs = mine.pairs_sha256;
+    box.append(chart);
+  }
+  return box;
 }
 
 // The promotion gate's decision on a fine-tuned model (its job's result): passed or not, the reasons, and
@@ -97,7 +124,8 @@ function node(model, byParent, byId, active) {
     button.addEventListener("click", () => activate(model, active));
     head.append(" ", button);
   }
-  li.append(head, compare(model, byId.get(model.parent_id)));
+  const parent = byId.get(model.parent_id);
+  li.append(head, compare(model, parent), rocCurves(model, parent));
   if (model.created_by_job_id && scopes.has("jobs:read")) li.append(gate(model.created_by_job_id));
   const children = byParent.get(model.id) || [];
   if (children.length) {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ IMAGES_PER_PERSON = 4
 LABELS = 10
 REVIEWER_SCOPES = ["review", "feedback:write", "faces:read"]
 TRAIN_PAIRS = {1: 16, 0: 32}  # three steps of 16: the fine-tune is real, and short
-STOP_TIMEOUT_S = 5.0  # stopping politely is tested elsewhere (tests/e2e/test_loop_embedded.py)
+STOP_TIMEOUT_S = 2.0  # stopping politely is tested elsewhere (tests/e2e/test_loop_embedded.py)
 
 
 @dataclass
@@ -86,23 +87,36 @@ def quick_launch(
         launcher.stop_all()
 
 
-@pytest.fixture(scope="module")
-def embedded(
-    module_launch: Launcher,
-    tmp_path_factory: pytest.TempPathFactory,
-    shared_dir: Path,
-    mobilefacenet_checkpoint: Path,
-) -> Embedded:
+def _start_embedded(launcher: Launcher, data_dir: Path, shared_dir: Path, checkpoint: Path) -> Embedded:
     launched_at = time.monotonic()
-    up = start_up(module_launch, quick_timing(), tmp_path_factory.mktemp("up") / "data")
+    up = start_up(launcher, quick_timing(), data_dir)
     listening_s = time.monotonic() - launched_at
     assert up.admin_key is not None
     with client_with_key(up.url, up.admin_key) as http:
         faces = _upload_cmu(http, shared_dir)  # first: the activation's reindex embeds them in one job
-        model = register_model(http, mobilefacenet_checkpoint, "mobilefacenet")
+        model = register_model(http, checkpoint, "mobilefacenet")
         wait_for_success(http, activate(http, model["id"], "base")["reindex_job_id"])
         wait_embedded(http, list(faces))
     return Embedded(up, up.admin_key, faces, launched_at, listening_s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_setup(
+    module_launch: Launcher,
+    tmp_path_factory: pytest.TempPathFactory,
+    shared_dir: Path,
+    mobilefacenet_checkpoint: Path,
+) -> Iterator[Future[Embedded]]:
+    """The module's `magtune up`, started and seeded in a thread from the module's first test on, so that
+    its minute of setup (mostly waiting on its workers) runs beside the PostgreSQL test."""
+    data_dir = tmp_path_factory.mktemp("up") / "data"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(_start_embedded, module_launch, data_dir, shared_dir, mobilefacenet_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def embedded(embedded_setup: Future[Embedded]) -> Embedded:
+    return embedded_setup.result(timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -197,14 +211,16 @@ def test_a_finetune_started_from_the_jobs_page_is_followed_through_its_event_str
 ) -> None:
     """On PostgreSQL + Redis: the operator starts a 1-epoch fine-tune; its row moves to succeeded with its
     per-epoch figures, fed by the event stream alone (no request re-reads the job)."""
-    quick_launch("worker", ["worker"], service_settings)  # boots while the api starts; jobs wait for it
+    # Two jobs at once: the base's reindex and calibration, then the fine-tune beside whichever is left.
+    # The worker boots while the api starts; jobs wait for it in the queue.
+    quick_launch("worker", ["worker", "--concurrency", "2"], service_settings)
     api = start_api(quick_launch, service_settings)
     admin_key = issue_test_key(service_settings["MAGTUNE_DATABASE_URL"])
     requests: list[str] = []
     with client_with_key(api.url, admin_key) as http:
         _seed_within_splits(http, johns_dir)
         base_model = register_model(http, mobilefacenet_checkpoint, "mobilefacenet")
-        wait_for_success(http, activate(http, base_model["id"], "the pretrained base")["reindex_job_id"])
+        assert activate(http, base_model["id"], "the pretrained base")["reindex_job_id"]
         operator_key = _issue(http, "operator", ["jobs:read", "jobs:write"])
         page = _open_console(browser, api.url, operator_key, requests)
     page.wait_for_selector("#finetune-form:not([hidden])")
@@ -302,7 +318,8 @@ def test_review_with_the_keyboard(embedded: Embedded, browser: Any, screenshots:
         print(
             f"first pair on screen {first_pair_s:.1f} s after `magtune up` started (its api listened after "
             f"{embedded.listening_s:.1f} s; then {len(faces)} faces were uploaded, the base model registered "
-            "and activated, and the faces embedded)"
+            "and activated, and the faces embedded; run this test alone for a figure that shares no CPU "
+            "with the PostgreSQL test)"
         )
         page.screenshot(path=str(screenshots / "review.png"))
 

@@ -10,7 +10,8 @@ from app.auth.scopes import Scope
 from app.deps import SessionDep
 from app.metrics import service
 from app.metrics.schemas import DashboardMetrics, FeedbackSeries
-from app.metrics.series import MAX_BUCKETS, Bucket, default_buckets, feedback_series
+from app.metrics.series import MAX_BUCKETS, Bucket, WindowOutOfRange, default_buckets, feedback_series
+from app.problems import Problem
 
 router = APIRouter(prefix="/metrics", tags=["metrics"])
 
@@ -40,4 +41,8 @@ def get_feedback_series(
     The `cross` split holds the wasted labels (pairs across splits, used by no job).
     """
     count = buckets if buckets is not None else default_buckets(bucket)
-    return feedback_series(session=session, bucket=bucket, buckets=count, end=end)
+    try:
+        return feedback_series(session=session, bucket=bucket, buckets=count, end=end)
+    except WindowOutOfRange as exc:
+        error = {"loc": ["query", "end"], "msg": str(exc), "type": "value_error"}
+        raise Problem(422, "validation-error", "Invalid request", str(exc), errors=[error]) from exc

@@ -19,6 +19,13 @@ from app.metrics.service import FEEDBACK_SPLITS, LABELS
 from app.tables import FeedbackPair
 
 MAX_BUCKETS = 366
+# Feedback is stamped by the server, so nothing lies outside these; they keep every bucket a real date.
+EARLIEST_END = datetime(1971, 1, 1, tzinfo=UTC)
+LATEST_END = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+class WindowOutOfRange(ValueError):
+    """The window asked for is longer than MAX_BUCKETS or ends outside [EARLIEST_END, LATEST_END]."""
 
 
 class Bucket(StrEnum):
@@ -48,6 +55,8 @@ def _bucket_index(session: Session, seconds: int) -> ColumnElement[int]:
 def _window(bucket: Bucket, buckets: int, end: datetime | None) -> tuple[int, int]:
     """[first, last] bucket index: `buckets` whole buckets, the last one holding `end` (now by default)."""
     end = datetime.now(UTC) if end is None else end.replace(tzinfo=end.tzinfo or UTC)
+    if not EARLIEST_END <= end <= LATEST_END:
+        raise WindowOutOfRange(f"end must be between {EARLIEST_END.date()} and {LATEST_END.date()}")
     last = int(end.timestamp()) // bucket.seconds
     return last - buckets + 1, last
 
@@ -61,7 +70,7 @@ def feedback_series(
 ) -> FeedbackSeries:
     """One point per bucket of the window, oldest first, zeros included (a chart needs no gap filling)."""
     if not 1 <= buckets <= MAX_BUCKETS:
-        raise ValueError(f"buckets must be within 1..{MAX_BUCKETS}")
+        raise WindowOutOfRange(f"buckets must be within 1..{MAX_BUCKETS}")
     first, last = _window(bucket, buckets, end)
     start, stop = _at(first, bucket), _at(last + 1, bucket)
     index = _bucket_index(session, bucket.seconds).label("bucket")

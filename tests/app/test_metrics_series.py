@@ -131,5 +131,12 @@ def test_the_api_answers_thirty_days_by_default_and_refuses_an_unbounded_window(
     ).json()
     assert ended["end"] == "2026-12-07T14:00:00+00:00", "a naive end is UTC"
 
-    for params in ({"buckets": MAX_BUCKETS + 1}, {"buckets": 0}, {"bucket": "week"}, {"end": "yesterday"}):
+    for params in (
+        {"buckets": MAX_BUCKETS + 1},
+        {"buckets": 0},
+        {"bucket": "week"},
+        {"end": "yesterday"},
+        {"end": "9999-12-31T23:00:00Z"},
+        {"end": "0001-01-01T00:00:00Z"},
+    ):
         assert_problem(client.get("/v1/metrics/feedback-series", params=params), 422, "validation-error")

@@ -102,6 +102,7 @@ def _start_embedded(launcher: Launcher, data_dir: Path, shared_dir: Path, checkp
 
 @pytest.fixture(scope="module", autouse=True)
 def embedded_setup(
+    browser: Any,  # first: without a browser the module is skipped before anything starts
     module_launch: Launcher,
     tmp_path_factory: pytest.TempPathFactory,
     shared_dir: Path,

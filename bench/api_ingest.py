@@ -38,7 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from concurrent_clients import drive
-from processes import free_port, fresh_database, load_averages, magtune, migrated_env, print_report, server
+from processes import (
+    free_port,
+    fresh_database,
+    libpq_url,
+    load_averages,
+    magtune,
+    migrated_env,
+    print_report,
+    server,
+)
 from pydantic import BaseModel
 
 SINGLE_TARGET_RATIO = 0.7
@@ -186,17 +195,47 @@ def measure_singles(
     return latencies
 
 
+def insert_only(database_url: str, pairs: list[tuple[str, str]]) -> None:
+    """The api's own batch INSERT (app.feedback.service), its columns ready-made, sent straight through
+    psycopg and committed: what the database alone costs, the floor under any batch endpoint."""
+    import psycopg
+
+    from app.feedback.service import _PG_ARRAY_COLUMNS, _PG_INSERT
+
+    rows = [sorted((uuid.UUID(a), uuid.UUID(b))) for a, b in pairs]
+    columns: dict[str, Any] = {
+        "id": [uuid.uuid4() for _ in rows],
+        "face_a": [a for a, _ in rows],
+        "face_b": [b for _, b in rows],
+        "label": [index % 2 for index in range(len(rows))],
+        "split": ["train"] * len(rows),
+        "annotator": [None] * len(rows),
+        "source": [None] * len(rows),
+        "api_key_id": [None] * len(rows),
+    }
+    assert set(columns) == set(_PG_ARRAY_COLUMNS)
+    statement = str(_PG_INSERT).replace(":created_at", "now()")
+    for name in columns:
+        statement = statement.replace(f":{name} ", f"%({name})s ")
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        inserted = conn.execute(statement, columns).fetchall()
+    if len(inserted) != len(rows):
+        raise RuntimeError(f"insert only: {len(inserted)} of {len(rows)} pairs inserted")
+
+
 def measure_batches(
-    clients: dict[str, Any], pairs: Iterator[tuple[str, str]], batches: int, size: int
+    clients: dict[str, Any], pairs: Iterator[tuple[str, str]], batches: int, size: int, database_url: str
 ) -> dict[str, list[float]]:
     urls = {"api": "/v1/feedback/batch", "bare_insert": "/bare/feedback/batch"}
-    latencies: dict[str, list[float]] = {name: [] for name in urls}
+    latencies: dict[str, list[float]] = {name: [] for name in [*urls, "database_insert_only"]}
     for name, url in urls.items():
         post_batch(clients[name], url, list(itertools.islice(pairs, size)))  # warm-up
     for _batch in range(batches):
         for name, url in urls.items():
             chunk = list(itertools.islice(pairs, size))
             latencies[name].append(timed(lambda n=name, u=url, c=chunk: post_batch(clients[n], u, c)))
+        chunk = list(itertools.islice(pairs, size))
+        latencies["database_insert_only"].append(timed(lambda c=chunk: insert_only(database_url, c)))
     return latencies
 
 
@@ -213,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Concurrent levels: a generous bound of 3,000 requests/s per server and level.
     concurrent_pairs = 3 * len(args.clients) * int(3000 * args.seconds)
     pair_count = (
-        3 * (args.singles + WARMUP_REQUESTS) + 2 * (args.batches + 1) * args.batch_size + concurrent_pairs
+        3 * (args.singles + WARMUP_REQUESTS) + 3 * (args.batches + 1) * args.batch_size + concurrent_pairs
     )
     face_count = faces_needed(pair_count)
     with tempfile.TemporaryDirectory(prefix="magtune-bench-") as tmp, fresh_database() as database_url:
@@ -242,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             random.Random(1).shuffle(all_pairs)
             pairs = iter(all_pairs)
             singles = measure_singles(clients, pairs, args.singles)
-            batches = measure_batches(clients, pairs, args.batches, args.batch_size)
+            batches = measure_batches(clients, pairs, args.batches, args.batch_size, database_url)
             concurrent = (
                 measure_concurrent(args, env, Path(tmp), key, bare_port, pairs) if args.clients else None
             )

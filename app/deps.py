@@ -1,9 +1,10 @@
 """`Annotated` dependencies shared by every router."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -11,19 +12,26 @@ from app.db import get_session_factory
 from app.pagination import PageParams, page_params
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
+    # Async, like get_session: a sync dependency costs every request a hop to the thread pool.
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
+async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
+    """A session per request, opened without a thread hop (it connects lazily, on first use, in the
+    endpoint's thread). Closing it talks to the database only when a transaction is still open (a read, or
+    a failed write): that ROLLBACK runs in the thread pool, so a slow database never blocks the event loop."""
     session = get_session_factory(settings.database_url)()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

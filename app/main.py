@@ -10,6 +10,7 @@ from fastapi.routing import APIRoute
 from app import docs, health, observability
 from app.auth import openapi as auth_openapi
 from app.auth.dependencies import guard_undeclared
+from app.auth.key_cache import KeyCache, start_key_listener
 from app.auth.keys import LastUsed
 from app.auth.limits import WriteLimiter
 from app.auth.router import router as keys_router
@@ -46,9 +47,12 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         stop_sweeper = start_background_sweeper(settings) if run_sweeper else None
+        key_listener = start_key_listener(settings, app.state.key_cache)
         try:
             yield
         finally:
+            if key_listener is not None:
+                key_listener.stop()
             if stop_sweeper is not None:
                 stop_sweeper()
 
@@ -66,6 +70,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     )
     app.state.settings = settings
     app.state.last_used = LastUsed()
+    app.state.key_cache = KeyCache()
     app.state.write_limiter = WriteLimiter(settings.write_rate_per_s, settings.write_burst)
     app.state.event_streams = StreamSlots(settings.job_events_max_streams)
     install_problem_handlers(app)

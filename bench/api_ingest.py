@@ -6,10 +6,17 @@ is the api's own cost: validation, face lookups, splits, idempotency, metrics, p
 key check (the api sends a key made with `magtune keys create`). Single posts also go to a third server, the
 api with MAGTUNE_AUTH_DISABLED=true, so the key check's own cost is reported (`key_check_cost_p50_ms`).
 
-    python bench/api_ingest.py [--singles 2000] [--batches 5] [--batch-size 10000]
+Concurrent clients (`--clients 1,16,64`): single posts from that many async clients at once, each level for
+`--seconds`, to the api served with `--api-workers` processes (`magtune serve --workers`), to the same bare
+synchronous endpoint, and to a strong reference: an async FastAPI endpoint doing one INSERT through an async
+psycopg pool, served with as many processes (bench/concurrent_clients.py).
 
-Needs PostgreSQL (MAGTUNE_TEST_POSTGRES, an admin URL) and Redis (MAGTUNE_TEST_REDIS) like the tests.
-Targets: single posts at ≥ 0.7× the bare endpoint's rate; batches at ≥ 20,000 pairs/s.
+    python bench/api_ingest.py [--singles 2000] [--batches 5] [--batch-size 10000] [--clients 1,16,64]
+
+Needs PostgreSQL (MAGTUNE_TEST_POSTGRES, an admin URL) and Redis (MAGTUNE_TEST_REDIS) like the tests, and the
+`bench` extra (`pip install -e '.[bench]'`) for the async reference.
+Targets: single posts at ≥ 0.7× the bare endpoint's rate; batches at ≥ 20,000 pairs/s; at 16 and 64 clients
+≥ 0.7× the async reference's throughput, with p99 ≤ 100 ms at 16 clients.
 """
 
 from __future__ import annotations
@@ -30,11 +37,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from processes import free_port, fresh_database, load_averages, magtune, migrated_env, print_report, server
+from concurrent_clients import drive
+from processes import (
+    free_port,
+    fresh_database,
+    libpq_url,
+    load_averages,
+    magtune,
+    migrated_env,
+    print_report,
+    server,
+)
 from pydantic import BaseModel
 
 SINGLE_TARGET_RATIO = 0.7
 BATCH_TARGET_PAIRS_PER_S = 20_000
+CONCURRENT_TARGET_RATIO = 0.7
+CONCURRENT_TARGET_P99_MS_AT_16 = 100.0
 WARMUP_REQUESTS = 100
 ROUNDS = 4  # single posts alternate between the two servers in rounds, so background load hits both alike
 
@@ -176,17 +195,47 @@ def measure_singles(
     return latencies
 
 
+def insert_only(database_url: str, pairs: list[tuple[str, str]]) -> None:
+    """The api's own batch INSERT (app.feedback.service), its columns ready-made, sent straight through
+    psycopg and committed: what the database alone costs, the floor under any batch endpoint."""
+    import psycopg
+
+    from app.feedback.service import _PG_ARRAY_COLUMNS, _PG_INSERT
+
+    rows = [sorted((uuid.UUID(a), uuid.UUID(b))) for a, b in pairs]
+    columns: dict[str, Any] = {
+        "id": [uuid.uuid4() for _ in rows],
+        "face_a": [a for a, _ in rows],
+        "face_b": [b for _, b in rows],
+        "label": [index % 2 for index in range(len(rows))],
+        "split": ["train"] * len(rows),
+        "annotator": [None] * len(rows),
+        "source": [None] * len(rows),
+        "api_key_id": [None] * len(rows),
+    }
+    assert set(columns) == set(_PG_ARRAY_COLUMNS)
+    statement = str(_PG_INSERT).replace(":created_at", "now()")
+    for name in columns:
+        statement = statement.replace(f":{name} ", f"%({name})s ")
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        inserted = conn.execute(statement, columns).fetchall()
+    if len(inserted) != len(rows):
+        raise RuntimeError(f"insert only: {len(inserted)} of {len(rows)} pairs inserted")
+
+
 def measure_batches(
-    clients: dict[str, Any], pairs: Iterator[tuple[str, str]], batches: int, size: int
+    clients: dict[str, Any], pairs: Iterator[tuple[str, str]], batches: int, size: int, database_url: str
 ) -> dict[str, list[float]]:
     urls = {"api": "/v1/feedback/batch", "bare_insert": "/bare/feedback/batch"}
-    latencies: dict[str, list[float]] = {name: [] for name in urls}
+    latencies: dict[str, list[float]] = {name: [] for name in [*urls, "database_insert_only"]}
     for name, url in urls.items():
         post_batch(clients[name], url, list(itertools.islice(pairs, size)))  # warm-up
     for _batch in range(batches):
         for name, url in urls.items():
             chunk = list(itertools.islice(pairs, size))
             latencies[name].append(timed(lambda n=name, u=url, c=chunk: post_batch(clients[n], u, c)))
+        chunk = list(itertools.islice(pairs, size))
+        latencies["database_insert_only"].append(timed(lambda c=chunk: insert_only(database_url, c)))
     return latencies
 
 
@@ -200,7 +249,11 @@ def faces_needed(pair_count: int) -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
-    pair_count = 3 * (args.singles + WARMUP_REQUESTS) + 2 * (args.batches + 1) * args.batch_size
+    # Concurrent levels: a generous bound of 3,000 requests/s per server and level.
+    concurrent_pairs = 3 * len(args.clients) * int(3000 * args.seconds)
+    pair_count = (
+        3 * (args.singles + WARMUP_REQUESTS) + 3 * (args.batches + 1) * args.batch_size + concurrent_pairs
+    )
     face_count = faces_needed(pair_count)
     with tempfile.TemporaryDirectory(prefix="magtune-bench-") as tmp, fresh_database() as database_url:
         env = migrated_env(database_url, tmp, MAGTUNE_MAX_FEEDBACK_BATCH=str(max(args.batch_size, 10_000)))
@@ -228,7 +281,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             random.Random(1).shuffle(all_pairs)
             pairs = iter(all_pairs)
             singles = measure_singles(clients, pairs, args.singles)
-            batches = measure_batches(clients, pairs, args.batches, args.batch_size)
+            batches = measure_batches(clients, pairs, args.batches, args.batch_size, database_url)
+            concurrent = (
+                measure_concurrent(args, env, Path(tmp), key, bare_port, pairs) if args.clients else None
+            )
 
     single = {name: summary(values, 1) for name, values in singles.items()}
     batch = {name: summary(values, args.batch_size) for name, values in batches.items()}
@@ -258,6 +314,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "target_pairs_per_s": BATCH_TARGET_PAIRS_PER_S,
             "meets_target": batch["api"]["records_per_s"] >= BATCH_TARGET_PAIRS_PER_S,
         },
+        **({"concurrent": concurrent} if concurrent is not None else {}),
+    }
+
+
+def measure_concurrent(
+    args: argparse.Namespace, env: dict[str, str], tmp: Path, key: str, bare_port: int, pairs: Iterator[Any]
+) -> dict[str, Any]:
+    """Each client count against the api (N processes), the async reference (N processes) and the sync bare
+    endpoint (one process, as above), in turn."""
+    api_port, ref_port = free_port(), free_port()
+    workers = str(args.api_workers)
+    api = magtune("serve", "--host", "127.0.0.1", "--port", str(api_port), "--workers", workers)
+    ref = [sys.executable, str(Path(__file__).resolve()), "--serve-reference", "--port", str(ref_port)]
+    ref_env = {**env, "BENCH_REFERENCE_WORKERS": workers}
+    targets = {
+        "api": (f"http://127.0.0.1:{api_port}", "/v1/feedback", {"Authorization": f"Bearer {key}"}),
+        "async_reference": (f"http://127.0.0.1:{ref_port}", "/ref/feedback", {}),
+        "sync_bare": (f"http://127.0.0.1:{bare_port}", "/bare/feedback", {}),
+    }
+    levels = []
+    with (
+        server(api, env, f"http://127.0.0.1:{api_port}/readyz", tmp / "api-workers.log"),
+        server(ref, ref_env, f"http://127.0.0.1:{ref_port}/ref/ready", tmp / "reference.log"),
+    ):
+        for url, path, headers in targets.values():  # warm every process's connections
+            drive(url, path, headers, pairs, max(args.clients), 1.0)
+        for clients in args.clients:
+            level: dict[str, Any] = {"clients": clients}
+            for name, (url, path, headers) in targets.items():
+                level[name] = drive(url, path, headers, pairs, clients, args.seconds)
+            level["api_to_reference_ratio"] = round(
+                level["api"]["requests_per_s"] / level["async_reference"]["requests_per_s"], 3
+            )
+            levels.append(level)
+    judged = [level for level in levels if level["clients"] in (16, 64)]
+    at_16 = [level for level in levels if level["clients"] == 16]
+    return {
+        "api_workers": args.api_workers,
+        "reference_workers": args.api_workers,
+        "seconds_per_level": args.seconds,
+        "client": "httpx.AsyncClient per client, keep-alive, in this one process",
+        "levels": levels,
+        "target_ratio": CONCURRENT_TARGET_RATIO,
+        "target_p99_ms_at_16": CONCURRENT_TARGET_P99_MS_AT_16,
+        "meets_target": bool(judged)
+        and all(level["api_to_reference_ratio"] >= CONCURRENT_TARGET_RATIO for level in judged)
+        and all(level["api"]["p99_ms"] <= CONCURRENT_TARGET_P99_MS_AT_16 for level in at_16),
     }
 
 
@@ -266,13 +369,34 @@ def main() -> None:
     parser.add_argument("--singles", type=int, default=2000, help="timed single posts per server")
     parser.add_argument("--batches", type=int, default=5, help="timed batches per server")
     parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument(
+        "--clients",
+        type=lambda text: [int(part) for part in text.split(",") if part],
+        default=[1, 16, 64],
+        help="concurrent client counts, comma-separated (empty: skip)",
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="per client count and server")
+    parser.add_argument("--api-workers", type=int, default=os.cpu_count() or 1, help="processes per server")
     parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_bare:
         from worker.cli.service_commands import serve_app
 
         serve_app(f"{__name__}:create_bare_app", host="127.0.0.1", port=args.port, factory=True)
+        return
+    if args.serve_reference:
+        from worker.cli.service_commands import serve_app
+
+        workers = int(os.environ.get("BENCH_REFERENCE_WORKERS", "1"))
+        serve_app(
+            "concurrent_clients:create_async_reference_app",
+            host="127.0.0.1",
+            port=args.port,
+            factory=True,
+            workers=workers,
+        )
         return
     print_report(run(args))
 

@@ -20,8 +20,20 @@ REDIS_URL = os.environ.get("MAGTUNE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 CLOSED_PORT_BROKER = "redis://127.0.0.1:1/0"
 
 
+# Under pytest-xdist (`-n 2`) each worker is a test session of its own, with its own PostgreSQL database; its
+# Redis databases move down by REDIS_DBS_PER_WORKER per worker (gw0: 10-14, gw1: 5-9, gw2: 0-4), so that one
+# worker's flush never reaches the other's processes.
+REDIS_DBS_PER_WORKER = 5
+MAX_XDIST_WORKERS = 3
+_XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+if _XDIST_WORKER >= MAX_XDIST_WORKERS:
+    raise RuntimeError(
+        f"the tests run on at most {MAX_XDIST_WORKERS} xdist workers (Redis has 16 databases): use -n 2"
+    )
+
+
 def _redis_db(variable: str, default: int) -> int:
-    return int(os.environ.get(variable, str(default)))
+    return int(os.environ.get(variable, str(default))) - REDIS_DBS_PER_WORKER * _XDIST_WORKER
 
 
 # Redis database numbers, one per suite or purpose, so that one suite's flush or stray message never reaches
@@ -38,6 +50,8 @@ COMPOSE_REDIS_DB = _redis_db("MAGTUNE_TEST_OPS_REDIS_DB", 12)
 SWEEP_REDIS_DB = _redis_db("MAGTUNE_TEST_SWEEP_REDIS_DB", 10)
 
 _REDIS_DBS = (ISOLATED_QUEUES_REDIS_DB, GPU_QUEUE_REDIS_DB, E2E_REDIS_DB, COMPOSE_REDIS_DB, SWEEP_REDIS_DB)
+if min(_REDIS_DBS) < 0:
+    raise ValueError(f"Redis database numbers must not be negative, got {_REDIS_DBS}")
 if len(set(_REDIS_DBS)) != len(_REDIS_DBS):
     raise ValueError(f"each test suite needs a Redis database of its own, got {_REDIS_DBS}")
 

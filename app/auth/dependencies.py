@@ -20,7 +20,8 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.auth.keys import Caller, LastUsed, unauthenticated, verify_key
+from app.auth.key_cache import KeyCache
+from app.auth.keys import Caller, LastUsed, remembered_caller, touch_last_used, unauthenticated, verify_key
 from app.auth.limits import WriteLimiter
 from app.auth.scopes import Scope
 from app.deps import SessionDep, SettingsDep
@@ -44,8 +45,9 @@ OPEN = "open"
 ANY_KEY = "any-key"
 
 
-def _auth_state(request: Request) -> tuple[LastUsed, WriteLimiter]:
-    return request.app.state.last_used, request.app.state.write_limiter
+def _auth_state(request: Request) -> tuple[LastUsed, WriteLimiter, KeyCache]:
+    state = request.app.state
+    return state.last_used, state.write_limiter, state.key_cache
 
 
 def _bearer_token(request: Request) -> str | None:
@@ -53,25 +55,35 @@ def _bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def authenticate(request: Request, session: Session) -> Caller:
-    """The caller of the request's key (read once per request): else 401."""
-    cached: Caller | None = getattr(request.state, "caller", None)
-    if cached is None:
+async def authenticate(request: Request, session: Session) -> Caller:
+    """The caller of the request's key (checked once per request): else 401.
+
+    A key this process verified and no change has touched since is answered from memory, on the event loop;
+    anything else is read from the database in the thread pool.
+    """
+    caller: Caller | None = getattr(request.state, "caller", None)
+    if caller is None:
         token = _bearer_token(request)
         if token is None:
             raise unauthenticated("no key: send Authorization: Bearer <key>")
-        last_used, _limiter = _auth_state(request)
-        cached = verify_key(session, token, last_used)
-        request.state.caller = cached
-    return cached
+        last_used, _limiter, cache = _auth_state(request)
+        caller = remembered_caller(cache, token)
+        if caller is None:
+            caller = await run_in_threadpool(verify_key, session, token, last_used, cache)
+        elif last_used.due(caller.key_id):
+            await run_in_threadpool(touch_last_used, session, caller.key_id)
+        request.state.caller = caller
+    return caller
 
 
-def authorize(request: Request, session: SessionDep, settings: SettingsDep, scope: Scope) -> Caller | None:
+async def authorize(
+    request: Request, session: SessionDep, settings: SettingsDep, scope: Scope
+) -> Caller | None:
     """The caller, when its key is valid and holds `scope`: else 401, 403 or (a write over its rate) 429."""
     if settings.auth_disabled:
         request.state.caller = None
         return None
-    cached = authenticate(request, session)
+    cached = await authenticate(request, session)
     if scope not in cached.scopes:
         raise Problem(
             403,
@@ -81,7 +93,7 @@ def authorize(request: Request, session: SessionDep, settings: SettingsDep, scop
             scope=scope.value,
         )
     if request.method in WRITE_METHODS and not scope.value.endswith(":read"):  # verify/search read
-        _last_used, limiter = _auth_state(request)
+        _last_used, limiter, _cache = _auth_state(request)
         wait_s = limiter.take(cached.key_id)
         if wait_s > 0:
             raise Problem(
@@ -101,11 +113,11 @@ class ScopeRequirement:
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
 
-    def __call__(
+    async def __call__(
         self, request: Request, session: SessionDep, settings: SettingsDep, _credentials: Credentials
     ) -> Caller | None:
         # `_credentials` only puts the bearer scheme, with this scope, into the OpenAPI document.
-        return authorize(request, session, settings, self.scope)
+        return await authorize(request, session, settings, self.scope)
 
 
 def requires(scope: Scope) -> Any:
@@ -116,13 +128,13 @@ def requires(scope: Scope) -> Any:
 class AnyKeyRequirement:
     """The dependency behind `any_key()`: a valid key, whatever its scopes (None with auth disabled)."""
 
-    def __call__(
+    async def __call__(
         self, request: Request, session: SessionDep, settings: SettingsDep, _credentials: Credentials
     ) -> Caller | None:
         if settings.auth_disabled:
             request.state.caller = None
             return None
-        return authenticate(request, session)
+        return await authenticate(request, session)
 
 
 def any_key() -> Any:
@@ -156,13 +168,10 @@ def route_access(route: Any) -> list[Scope | str]:
 
 
 async def guard_undeclared(request: Request, session: SessionDep, settings: SettingsDep) -> None:
-    """App-wide: a route that declares no access at all needs `admin` instead of being open.
-
-    Async, so the declared routes (all of them, normally) pay no thread hop for it.
-    """
+    """App-wide: a route that declares no access at all needs `admin` instead of being open."""
     route = request.scope.get("route")
     if isinstance(route, APIRoute) and not route_access(route):
-        await run_in_threadpool(authorize, request, session, settings, Scope.ADMIN)
+        await authorize(request, session, settings, Scope.ADMIN)
 
 
 async def current_caller(request: Request) -> Caller | None:

@@ -3,9 +3,12 @@
 A key reads `mt_<id>_<secret>`: `id` is 16 hex characters, public, the primary key of its row and the only
 part ever logged; `secret` is 32 random bytes (43 url-safe characters). Only the secret's SHA-256 is stored:
 with 256 bits of entropy a fast hash is as good as a slow one, and it keeps the check cheap. Comparison is
-constant-time. Each request reads the key's row by primary key, so a revocation holds at once in every api
-process; `last_used_at` is written at most once a minute per key and process, never once per request.
+constant-time. A key is read from the database once, then remembered by the api process until PostgreSQL
+announces a change to any key (app.auth.key_cache), so a revocation holds at once in every api process;
+`last_used_at` is written at most once a minute per key and process, never once per request.
 """
+
+from __future__ import annotations
 
 import hashlib
 import hmac
@@ -16,13 +19,17 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from app.auth.scopes import Scope
 from app.problems import Problem
 from app.tables import ApiKey, utcnow
+
+if TYPE_CHECKING:
+    from app.auth.key_cache import KeyCache
 
 PREFIX = "mt_"
 KEY_PATTERN = re.compile(r"^mt_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
@@ -98,7 +105,14 @@ def issue_key(
     return IssuedKey(row=row, secret=f"{PREFIX}{key_id}_{secret}")
 
 
-def key_state(row: ApiKey, now: datetime | None = None) -> str:
+class _KeyTimes(Protocol):
+    """What a key's state depends on: an ApiKey, or the row the per-request check reads."""
+
+    revoked_at: datetime | None
+    expires_at: datetime | None
+
+
+def key_state(row: _KeyTimes, now: datetime | None = None) -> str:
     now = now or utcnow()
     if row.revoked_at is not None:
         return "revoked"
@@ -124,22 +138,50 @@ class LastUsed:
             return True
 
 
-def verify_key(session: Session, token: str, last_used: LastUsed) -> Caller:
-    """The caller of a valid key; else 401 `unauthenticated` saying why, naming at most the key's id."""
+# The columns a request's check needs, read as a plain Core row on the session's own connection (and so in
+# the request's transaction): an ORM load of the whole row cost several times as much on the ingest path.
+_KEY_CHECK = select(
+    ApiKey.secret_sha256, ApiKey.name, ApiKey.scopes, ApiKey.revoked_at, ApiKey.expires_at
+).where(ApiKey.id == bindparam("key_id"))
+
+
+def verify_key(session: Session, token: str, last_used: LastUsed, cache: KeyCache | None = None) -> Caller:
+    """The caller of a valid key, read from the database; else 401 `unauthenticated` saying why, naming at
+    most the key's id. A valid key is remembered in `cache` (see app.auth.key_cache)."""
     parsed = parse_key(token)
     if parsed is None:
         raise unauthenticated("the key is malformed: expected mt_<id>_<secret>")
     key_id, secret = parsed
-    row = session.get(ApiKey, key_id, populate_existing=True)
-    if row is None or not hmac.compare_digest(row.secret_sha256, _digest(secret)):
+    digest = _digest(secret)
+    generation = cache.generation() if cache is not None else None
+    row = session.connection().execute(_KEY_CHECK, {"key_id": key_id}).one_or_none()
+    if row is None or not hmac.compare_digest(row.secret_sha256, digest):
         raise unauthenticated(f"unknown key {key_id}")
     state = key_state(row)
     if state != "active":
         raise unauthenticated(f"key {key_id} is {state}")
     if last_used.due(key_id):
-        session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=utcnow()))
-        session.commit()
-    return Caller(key_id=row.id, name=row.name, scopes=frozenset(row.scopes))
+        touch_last_used(session, key_id)
+    caller = Caller(key_id=key_id, name=row.name, scopes=frozenset(row.scopes))
+    if cache is not None:
+        expires_at = _aware(row.expires_at) if row.expires_at is not None else None
+        cache.store(key_id, digest, caller, expires_at, generation)
+    return caller
+
+
+def remembered_caller(cache: KeyCache, token: str) -> Caller | None:
+    """The caller of a key this process verified and no change has touched since; None: ask the database."""
+    parsed = parse_key(token)
+    if parsed is None:
+        return None
+    key_id, secret = parsed
+    return cache.lookup(key_id, _digest(secret), utcnow())
+
+
+def touch_last_used(session: Session, key_id: str) -> None:
+    """Record that the key was used (committed); callers throttle this with LastUsed."""
+    session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=utcnow()))
+    session.commit()
 
 
 def revoke_key(session: Session, key_id: str) -> ApiKey | None:

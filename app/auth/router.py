@@ -3,7 +3,7 @@
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response, status
+from fastapi import APIRouter, Path, Request, Response, status
 from sqlalchemy.orm import Session
 
 from app.auth import keys
@@ -71,12 +71,14 @@ def get_key(key_id: KeyId, session: SessionDep) -> KeyOut:
 
 
 @router.post("/{key_id}/revoke", dependencies=ADMIN, response_model=KeyOut, responses=UNKNOWN_KEY)
-def revoke_key(key_id: KeyId, session: SessionDep) -> KeyOut:
+def revoke_key(key_id: KeyId, session: SessionDep, request: Request) -> KeyOut:
     """Revoke a key: refused at once by every api process. Idempotent."""
     row = keys.revoke_key(session, key_id)
     if row is None:
         raise not_found("key", key_id)
     session.commit()
+    # Other processes hear of it from PostgreSQL; this one forgets it now, not when its listener wakes.
+    request.app.state.key_cache.forget_all()
     return key_out(row)
 
 

@@ -40,28 +40,39 @@ MARGIN_FRACTION = 0.02
 _PLACEMENT_LOCK_KEY = 0x6D6167_7475_6E65
 
 
-_PG_LABELLED = text(
-    "SELECT face_a FROM feedback WHERE face_a = ANY(CAST(:ids AS uuid[])) "
-    "UNION SELECT face_b FROM feedback WHERE face_b = ANY(CAST(:ids AS uuid[]))"
+# One round trip for what every ingest needs to know about the faces it names: each face's split, and
+# whether any stored pair already names it (two index probes per face: feedback's (face_a, face_b) key and
+# its face_b index).
+_PG_FACE_STATES = text(
+    "SELECT faces.id, faces.split, "
+    "EXISTS (SELECT 1 FROM feedback WHERE feedback.face_a = faces.id) "
+    "OR EXISTS (SELECT 1 FROM feedback WHERE feedback.face_b = faces.id) "
+    "FROM faces WHERE faces.id = ANY(CAST(:ids AS uuid[]))"
 )
 
 
-def labelled_faces(session: Session, face_ids: Iterable[uuid.UUID], chunk: int = 5000) -> set[int]:
-    """The faces (as UUID integers) that some stored pair names, on either side."""
+def face_states(
+    session: Session, face_ids: Iterable[uuid.UUID], chunk: int = 5000
+) -> tuple[dict[int, str], set[int]]:
+    """The split of every face that exists, and the faces some stored pair names (UUIDs as integers)."""
     ids = sorted(set(face_ids))
     if not ids:
-        return set()
+        return {}, set()
     if session.get_bind().dialect.name == "postgresql":
-        return {face_id.int for face_id in session.scalars(_PG_LABELLED, {"ids": ids})}
-    found: set[int] = set()
+        rows = session.execute(_PG_FACE_STATES, {"ids": ids}).all()
+        return {face.int: split for face, split, _ in rows}, {face.int for face, _, named in rows if named}
+    splits: dict[int, str] = {}
+    labelled: set[int] = set()
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
-        statement = union(
+        rows = session.execute(select(Face.id, Face.split).where(Face.id.in_(part)))
+        splits.update((face.int, split) for face, split in rows)
+        named = union(
             select(FeedbackPair.face_a).where(FeedbackPair.face_a.in_(part)),
             select(FeedbackPair.face_b).where(FeedbackPair.face_b.in_(part)),
         )
-        found.update(face_id.int for face_id in session.scalars(statement))
-    return found
+        labelled.update(face.int for face in session.scalars(named))
+    return splits, labelled
 
 
 def labelled_shares(session: Session, fractions: Mapping[str, float]) -> Shares:

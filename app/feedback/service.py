@@ -29,11 +29,10 @@ from app.feedback.schemas import FeedbackIn
 from app.pagination import PageParams, fetch_page
 from app.problems import PROBLEM_TYPE_BASE, Problem, not_found
 from app.splits import DEFAULT_SPLIT_FRACTIONS
-from app.tables import Face, FeedbackPair, utcnow
+from app.tables import FeedbackPair, utcnow
 
 REGRESSION_SPLIT = FeedbackSplit.REGRESSION
 CROSS_SPLIT = FeedbackSplit.CROSS
-_IDS_PER_QUERY = 5000
 _PAIRS_PER_QUERY = 2000
 _TABLE: Table = FeedbackPair.__table__  # type: ignore[assignment]
 _T = TypeVar("_T")
@@ -64,7 +63,6 @@ _PG_EXISTING = text(
     "JOIN unnest(CAST(:face_a AS uuid[]), CAST(:face_b AS uuid[])) AS wanted(face_a, face_b) "
     "ON feedback.face_a = wanted.face_a AND feedback.face_b = wanted.face_b"
 )
-_PG_FACE_SPLITS = text("SELECT id, split FROM faces WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 
 @dataclass(slots=True)
@@ -200,14 +198,12 @@ def ingest_feedback(
     ]
     valid = [(index, item) for index, item in enumerate(items) if isinstance(item, FeedbackIn)]
     named = {face for _, item in valid for face in (item.face_a, item.face_b)}
-    splits = _face_splits(session, named)
-    labelled = placement.labelled_faces(session, (face for face in named if face.int in splits))
+    splits, labelled = placement.face_states(session, named)
     shares = placement.Shares({}, fractions)
     if any(face.int in splits and face.int not in labelled for face in named):
         # A first label may move a face: decide on what is committed once no one else can move it.
         placement.lock_placement(session)
-        splits = _face_splits(session, named)
-        labelled = placement.labelled_faces(session, (face for face in named if face.int in splits))
+        splits, labelled = placement.face_states(session, named)
         shares = placement.labelled_shares(session, fractions)
 
     now = now or utcnow()
@@ -387,17 +383,6 @@ def _item_error(problem: Problem) -> dict[str, Any]:
     if "feedback_id" in problem.extra:
         error["feedback_id"] = problem.extra["feedback_id"]
     return error
-
-
-def _face_splits(session: Session, face_ids: set[uuid.UUID]) -> dict[int, str]:
-    """The split of every face that exists, keyed by its UUID as an integer."""
-    if _dialect(session) == "postgresql":
-        rows = session.execute(_PG_FACE_SPLITS, {"ids": list(face_ids)}).all()
-    else:
-        rows = []
-        for chunk in _chunks(sorted(face_ids), _IDS_PER_QUERY):
-            rows.extend(session.execute(select(Face.id, Face.split).where(Face.id.in_(chunk))).all())
-    return {face_id.int: split for face_id, split in rows}
 
 
 def _insert_new_pairs(session: Session, rows: list[dict[str, Any]]) -> Sequence[uuid.UUID]:

@@ -18,6 +18,13 @@ from tests.e2e.services import RunningApi, client_with_key
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture
+def timing_settings(timing_settings: dict[str, str]) -> dict[str, str]:
+    """The stream polls often and the reindex writes its progress after each face, so its `embedding` phase
+    spans many polls however fast the machine is: the stream coalesces writes between two polls."""
+    return {**timing_settings, "MAGTUNE_JOB_EVENTS_POLL_S": "0.05", "MAGTUNE_REINDEX_BATCH_SIZE": "1"}
+
+
 def follow(http: httpx.Client, job_id: str, last_event_id: str | None = None) -> list[dict[str, Any]]:
     """Every event of the job's stream, read until the server closes it (after the `end` event)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}

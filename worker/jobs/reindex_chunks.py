@@ -198,6 +198,13 @@ def run_sharded(ctx: JobContext, model: LoadedModel, missing: int | None) -> Chu
     if not count:
         return None
     log.info("job %s: %d chunks of up to %d faces", ctx.job.id, count, chunk_size)
+    # Before any chunk can start (this worker runs one too, and writes nothing until it ends): the job reads
+    # `embedding` for as long as its chunks run.
+    with ctx.session() as session:
+        done_before = session.scalar(
+            select(func.count()).where(JobChunk.job_id == ctx.job.id, JobChunk.status == JobStatus.SUCCEEDED)
+        )
+    ctx.progress(phase="embedding", missing=missing, chunks=count, chunks_done=done_before or 0, force=True)
     _send_queued(ctx)
     try:
         while True:

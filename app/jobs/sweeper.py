@@ -21,6 +21,7 @@ from app.db import session_scope
 from app.domain import JobStatus
 from app.erasures import finish_pending_erasures
 from app.jobs import auto_finetune
+from app.jobs.training_states import discard_states_of_ended_jobs
 from app.queue import send_chunk, send_job
 from app.tables import Job, JobChunk
 
@@ -42,6 +43,7 @@ class SweepReport:
     chunks_failed: list[uuid.UUID] = field(default_factory=list)
     erased: int = 0
     erasures_pending: int = 0
+    training_states_removed: int = 0  # left by jobs that ended without their worker
 
 
 def _claim_lost_messages(session: Session, settings: Settings, now: datetime) -> list[tuple[uuid.UUID, str]]:
@@ -156,8 +158,9 @@ def _recover_lost_chunks(session: Session, settings: Settings, now: datetime, re
 
 def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
     """One pass: recover jobs of dead workers, re-send queued jobs whose message may be lost, finish the
-    erasures of files the blob store refused to remove (app/erasures.py), then apply the auto fine-tune
-    policy (app/jobs/auto_finetune.py; off unless `auto_finetune_after_labels` is set)."""
+    erasures of files the blob store refused to remove (app/erasures.py), remove the training states of
+    ended jobs (app/jobs/training_states.py), then apply the auto fine-tune policy
+    (app/jobs/auto_finetune.py; off unless `auto_finetune_after_labels` is set)."""
     now = now or datetime.now(UTC)
     report = SweepReport()
     with session_scope(settings.database_url) as session:
@@ -182,6 +185,7 @@ def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
             report.send_failures.append(job_id)
             _release_send_claim(settings, job_id, now)
     report.erased, report.erasures_pending = finish_pending_erasures(settings)
+    report.training_states_removed = discard_states_of_ended_jobs(settings)
     try:
         queued = auto_finetune.queue_if_due(settings)
     except Exception:

@@ -14,6 +14,7 @@ from app.db import session_scope
 from app.jobs.params import DEFAULT_DISTILL_WEIGHT, DEFAULT_MARGIN
 from app.jobs.service import create_job
 from app.jobs.sweeper import start_background_sweeper, sweep_once
+from app.jobs.training_states import state_path
 from app.tables import Job
 from tests.app.factories import activate_directly, insert_job, insert_model, read_job
 from tests.app.problems import assert_problem
@@ -337,6 +338,25 @@ class TestSweeper:
         assert report.send_failures == [job_id]
         assert read_job(settings, job_id).enqueued_at is None
         assert sweep_once(settings, now=NOW + timedelta(seconds=1)).resent == [job_id]
+
+    def test_removes_the_training_states_of_ended_jobs_only(self, settings: Settings) -> None:
+        running = insert_job(settings, status="running", attempts=1, started_at=NOW, heartbeat_at=NOW)
+        queued = insert_job(settings, created_at=NOW, enqueued_at=NOW)
+        failed = insert_job(settings, status="failed", attempts=3, finished_at=NOW)
+        gone = uuid.uuid4()
+        for job_id in (running, queued, failed, gone):
+            state_path(settings, job_id).parent.mkdir(parents=True, exist_ok=True)
+            state_path(settings, job_id).write_bytes(b"state")
+
+        report = sweep_once(settings, now=NOW)
+
+        assert report.training_states_removed == 2
+        assert [state_path(settings, job_id).exists() for job_id in (running, queued, failed, gone)] == [
+            True,
+            True,
+            False,
+            False,
+        ]
 
     def test_background_sweeper_runs_until_stopped(self, settings: Settings, broker: QueueProbe) -> None:
         job_id = insert_job(settings, created_at=datetime.now(UTC) - timedelta(hours=1))

@@ -47,6 +47,7 @@ FAILURES = {
     ),
 }
 BODY_TOO_LARGE = "The body is over the route's limit (body-too-large)"
+KEY_REUSED = "The Idempotency-Key was used before with another body (idempotency-key-reused)"
 BODY_TIMEOUT = "The body did not arrive in time (body-timeout); the connection is closed"
 # What reading a body can refuse, by its media type, before the operation's own checks.
 UNREADABLE_BODY = {
@@ -82,17 +83,32 @@ def _rewrite(schema: dict[str, Any]) -> None:
                     responses.setdefault("413", _problem(BODY_TOO_LARGE))
                     responses.setdefault("408", _problem(BODY_TIMEOUT))
                     _document_unreadable_body(operation, responses)
+                _document_idempotency(operation, responses)
+
+
+def _add_problem(responses: dict[str, Any], status: str, description: str) -> None:
+    """Document a problem under `status`, added to (not replacing) what the operation says there."""
+    if status not in responses:
+        responses[status] = _problem(description)
+    elif description not in responses[status]["description"]:
+        responses[status]["description"] += "; or: " + description
+        responses[status]["content"] = {PROBLEM_MEDIA_TYPE: {"schema": PROBLEM_REF}}
 
 
 def _document_unreadable_body(operation: dict[str, Any], responses: dict[str, Any]) -> None:
-    """The refusals of a body that cannot be read, added to (not replacing) what the operation documents."""
+    """The refusals of a body that cannot be read, by its media type."""
     for media_type in operation["requestBody"].get("content", {}):
         for status, description in UNREADABLE_BODY.get(media_type, {}).items():
-            if status not in responses:
-                responses[status] = _problem(description)
-            elif description not in responses[status]["description"]:
-                responses[status]["description"] += "; or: " + description
-                responses[status]["content"] = {PROBLEM_MEDIA_TYPE: {"schema": PROBLEM_REF}}
+            _add_problem(responses, status, description)
+
+
+def _document_idempotency(operation: dict[str, Any], responses: dict[str, Any]) -> None:
+    """An operation that honours `Idempotency-Key` (app/idempotency.py) refuses a key reused for another
+    body."""
+    names = {str(parameter.get("name", "")).lower() for parameter in operation.get("parameters", [])}
+    said = responses.get("409", {}).get("description", "")
+    if "idempotency-key" in names and "Idempotency-Key" not in said:
+        _add_problem(responses, "409", KEY_REUSED)
 
 
 def document_errors(app: FastAPI) -> None:

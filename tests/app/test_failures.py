@@ -160,6 +160,8 @@ def test_the_document_describes_every_error_as_a_problem(client: TestClient) -> 
             media_types = set(operation["requestBody"]["content"])
             if "application/json" in media_types:
                 assert "invalid-json" in responses["400"]["description"], path
+            if any(p["name"].lower() == "idempotency-key" for p in operation.get("parameters", [])):
+                assert "Idempotency-Key" in responses["409"]["description"], path
             if "multipart/form-data" in media_types:
                 assert "malformed-multipart" in responses["400"]["description"], path
                 assert "expected-multipart" in responses["415"]["description"], path
@@ -205,6 +207,7 @@ def test_a_client_leaving_mid_upload_leaves_no_error_in_the_log_and_no_file(
         ("PATCH", "/v1/faces", "GET, POST"),
         ("DELETE", "/v1/jobs", "GET, POST"),
         ("POST", "/healthz", "GET"),
+        ("DELETE", "/v1/feedback/batch", "POST"),  # not a feedback id
     ],
 )
 def test_a_method_not_allowed_names_every_method_of_the_path(

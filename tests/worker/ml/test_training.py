@@ -1,6 +1,7 @@
 import io
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -331,30 +332,16 @@ def _saved_and_loaded(state: TrainerState) -> TrainerState:
 def test_resuming_from_an_epoch_state_ends_as_the_uninterrupted_run(
     train_pairs: IndexedPairs, val_pairs: IndexedPairs
 ) -> None:
-    val = val_pairs
+    def three_epochs(**hooks: Any) -> FinetuneResult:
+        config = TrainConfig(epochs=3, learning_rate=1e-2, batch_size=8)
+        return finetune(tiny_model(), TINY_SPEC, train_pairs, val_pairs, config, device="cpu", **hooks)
+
     states: list[TrainerState] = []
-    whole = finetune(
-        tiny_model(),
-        TINY_SPEC,
-        train_pairs,
-        val,
-        TrainConfig(epochs=3, learning_rate=1e-2, batch_size=8),
-        device="cpu",
-        on_epoch_end=lambda state: states.append(_saved_and_loaded(state)),
-    )
+    whole = three_epochs(on_epoch_end=lambda state: states.append(_saved_and_loaded(state)))
     assert [state.epoch for state in states] == [1, 2, 3]
     epochs: list[int] = []
 
-    resumed = finetune(
-        tiny_model(),
-        TINY_SPEC,
-        train_pairs,
-        val,
-        TrainConfig(epochs=3, learning_rate=1e-2, batch_size=8),
-        device="cpu",
-        resume=states[0],
-        progress=lambda update: epochs.append(update.epoch),
-    )
+    resumed = three_epochs(resume=states[0], progress=lambda update: epochs.append(update.epoch))
 
     assert set(epochs) == {2, 3}, "the resumed run trained epochs 2 and 3 only"
     assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch

@@ -323,7 +323,8 @@ def _write_outcome(engine: Any, ctx: JobContext, outcome: Outcome) -> str | None
     The database may be down just when a long job ends. Dropping the write would leave the row `running`
     until the sweeper's heartbeat timeout and then run the job again, so it is retried (1, 2, 4 … 10 s
     apart) for as long as that timeout; it lands within seconds of the database coming back. Past it, the
-    sweeper, which has stopped seeing heartbeats, requeues the job on its next pass.
+    sweeper, which has stopped seeing heartbeats, requeues the job on its next pass. An end the database
+    refuses (a result it cannot store) is recorded as a failure instead of being retried.
     """
     deadline = time.monotonic() + ctx.settings.job_heartbeat_timeout_s
     delay = 1.0
@@ -340,12 +341,24 @@ def _write_outcome(engine: Any, ctx: JobContext, outcome: Outcome) -> str | None
                 progress=ctx.latest_progress,
             )
             return outcome.status if applied else None
-        except SQLAlchemyError:
+        except SQLAlchemyError as exc:
+            if outage_of(exc) is None:  # the database answered: the end itself cannot be stored
+                if outcome.result is None and outcome.status == JobStatus.FAILED:
+                    raise
+                log.exception("job %s: its end could not be recorded; recording a failure", ctx.job.id)
+                outcome = _unrecordable(exc)
+                continue
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("job %s: could not record its end; trying again in %.0f s", ctx.job.id, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+
+def _unrecordable(exc: SQLAlchemyError) -> Outcome:
+    detail = f"the job's result could not be stored: {type(exc.orig or exc).__name__}"
+    error = {"type": "internal-error", "title": "Internal error", "detail": detail}
+    return Outcome(JobStatus.FAILED, error=error)
 
 
 def _registered_handler(kind: str) -> Handler:

@@ -406,3 +406,10 @@ def test_an_unreadable_file_is_no_outage_and_fails_the_job_at_once(settings: Set
 
     job = _run_with(settings, handler)
     assert (job.status, job.attempts, job.error["type"]) == ("failed", 1, "internal-error")
+
+
+def test_a_result_the_database_refuses_is_recorded_as_a_failure_not_left_running(settings: Settings) -> None:
+    job = _run_with(settings, lambda _ctx: {"auc": float("nan")})  # NaN is not JSON: PostgreSQL refuses it
+
+    assert (job.status, job.result, job.error["type"]) == ("failed", None, "internal-error")
+    assert "could not be stored" in job.error["detail"]

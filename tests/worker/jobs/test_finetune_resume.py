@@ -111,6 +111,7 @@ def test_a_finetune_killed_after_epoch_1_resumes_at_epoch_2_and_ends_as_an_unint
         assert resumed[key] == reference[key], key
 
 
+@pytest.mark.slow
 def test_a_storage_outage_while_saving_the_model_queues_the_job_again_to_resume(
     settings: Settings, world: uuid.UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,8 +6,14 @@ from `Content-Length` alone when it says too much, and otherwise reads at most t
 handing the body on, so no route ever sees (or parses) more than its limit. The limit is per route: the
 feedback batch gets `max_batch_body_bytes`, every other route `max_json_body_bytes`; the upload routes,
 which stream multipart bodies to disk under their own byte limits, are left to `app.uploads`.
+
+It also bounds time: a body that stops arriving would otherwise hold a connection, a task and (for an
+upload) a staged file for as long as the client likes. A JSON body must arrive whole within
+`body_timeout_s`; an upload, which may rightly take minutes, may not pause longer than that between two
+chunks. Either is answered 408 `body-timeout` and the connection closed.
 """
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
@@ -42,6 +48,16 @@ def _too_large(limit: int) -> Problem:
     )
 
 
+def _body_timeout(seconds: float) -> Problem:
+    return Problem(
+        408,
+        "body-timeout",
+        "Request body timeout",
+        f"the body did not arrive within {seconds:g} s",
+        headers={"Connection": "close"},
+    )
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -52,16 +68,21 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = body_limit(self.settings, scope["method"], scope["path"])
+        timeout = self.settings.body_timeout_s
         if limit is None:
-            await self.app(scope, receive, send)
+            await self.app(scope, _paced(receive, timeout), send)
             return
         try:
             declared = _content_length(scope)
             if declared is not None and declared > limit:
                 raise _TooLarge
-            body, more = await _read_up_to(receive, limit)
+            with anyio.fail_after(timeout):
+                body, more = await _read_up_to(receive, limit)
         except _TooLarge:
             await problem_response(_too_large(limit))(scope, receive, send)
+            return
+        except TimeoutError:
+            await problem_response(_body_timeout(timeout))(scope, receive, send)
             return
         await self.app(scope, _replay(body, more, receive), send)
 
@@ -91,6 +112,26 @@ async def _read_up_to(receive: Receive, limit: int) -> tuple[bytes, Message | No
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks), None
+
+
+def _paced(receive: Receive, timeout: float) -> Receive:
+    """`receive` that raises 408 when the next piece of an unfinished body takes longer than `timeout`; once
+    the body is complete it waits as long as the app likes (for a disconnect, say)."""
+    complete = False
+
+    async def paced() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        try:
+            with anyio.fail_after(timeout):
+                message = await receive()
+        except TimeoutError:
+            raise _body_timeout(timeout) from None
+        complete = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return paced
 
 
 def _replay(body: bytes, pending: Message | None, receive: Receive) -> Receive:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # (app/body_limit.py): the feedback batch (10,000 pairs with long labels fit) and every other route.
     max_batch_body_bytes: int = 8 * 1024 * 1024
     max_json_body_bytes: int = 64 * 1024
+    # A body that stops arriving (a client that stalls, or one sending slowly on purpose) is cut off with
+    # 408 body-timeout: a JSON body must arrive whole within this, an upload may pause this long at most.
+    body_timeout_s: float = Field(default=30.0, gt=0)
 
     # splits of faces into train/val/test, from each face's content hash
     split_fractions: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS))

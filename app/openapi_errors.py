@@ -4,7 +4,8 @@ FastAPI documents each 422 as its `HTTPValidationError` in `application/json`, w
 error as a problem document (app/problems.py); and failures any operation can meet (500, the 503s of
 app/failures.py, the 413 of app/body_limit.py) are documented nowhere. This rewrites the generated document
 once: a `Problem` schema, referenced by every problem+json response, the 422s moved to it, and the shared
-failure answers added to every /v1 operation.
+failure answers added to every /v1 operation, with what reading a body can refuse (413, 408, and by media
+type 400 and 415) on every operation that takes one.
 """
 
 from typing import Any
@@ -46,6 +47,16 @@ FAILURES = {
     ),
 }
 BODY_TOO_LARGE = "The body is over the route's limit (body-too-large)"
+KEY_REUSED = "The Idempotency-Key was used before with another body (idempotency-key-reused)"
+BODY_TIMEOUT = "The body did not arrive in time (body-timeout); the connection is closed"
+# What reading a body can refuse, by its media type, before the operation's own checks.
+UNREADABLE_BODY = {
+    "application/json": {"400": "The body is not valid JSON (invalid-json)"},
+    "multipart/form-data": {
+        "400": "The multipart body is malformed, e.g. cut before its closing boundary (malformed-multipart)",
+        "415": "The body is not multipart/form-data (expected-multipart)",
+    },
+}
 FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 
 
@@ -70,6 +81,34 @@ def _rewrite(schema: dict[str, Any]) -> None:
                     responses.setdefault(status, _problem(description))
                 if "requestBody" in operation:
                     responses.setdefault("413", _problem(BODY_TOO_LARGE))
+                    responses.setdefault("408", _problem(BODY_TIMEOUT))
+                    _document_unreadable_body(operation, responses)
+                _document_idempotency(operation, responses)
+
+
+def _add_problem(responses: dict[str, Any], status: str, description: str) -> None:
+    """Document a problem under `status`, added to (not replacing) what the operation says there."""
+    if status not in responses:
+        responses[status] = _problem(description)
+    elif description not in responses[status]["description"]:
+        responses[status]["description"] += "; or: " + description
+        responses[status]["content"] = {PROBLEM_MEDIA_TYPE: {"schema": PROBLEM_REF}}
+
+
+def _document_unreadable_body(operation: dict[str, Any], responses: dict[str, Any]) -> None:
+    """The refusals of a body that cannot be read, by its media type."""
+    for media_type in operation["requestBody"].get("content", {}):
+        for status, description in UNREADABLE_BODY.get(media_type, {}).items():
+            _add_problem(responses, status, description)
+
+
+def _document_idempotency(operation: dict[str, Any], responses: dict[str, Any]) -> None:
+    """An operation that honours `Idempotency-Key` (app/idempotency.py) refuses a key reused for another
+    body."""
+    names = {str(parameter.get("name", "")).lower() for parameter in operation.get("parameters", [])}
+    said = responses.get("409", {}).get("description", "")
+    if "idempotency-key" in names and "Idempotency-Key" not in said:
+        _add_problem(responses, "409", KEY_REUSED)
 
 
 def document_errors(app: FastAPI) -> None:

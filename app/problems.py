@@ -5,6 +5,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -77,20 +78,47 @@ async def _handle_problem(_request: Request, exc: Problem) -> JSONResponse:
     return problem_response(exc)
 
 
+def _invalid_json(errors: list[dict[str, Any]]) -> Problem | None:
+    """A body that is not JSON at all is a 400, like any request that cannot be read; 422 is for JSON that
+    does not fit the schema."""
+    broken = [error for error in errors if error["type"] == "json_invalid"]
+    if not broken:
+        return None
+    return Problem(400, "invalid-json", "Malformed JSON body", "the body is not valid JSON", errors=broken)
+
+
 async def _handle_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = _field_errors(exc)
+    unreadable = _invalid_json(errors)
+    if unreadable is not None:
+        return problem_response(unreadable)
     detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
     return problem_response(Problem(422, "validation-error", "Invalid request", detail, errors=errors))
 
 
-async def _handle_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app takes at this path. The router's own 405 names only the methods
+    of the first route that matched the path, while a path is often served by several (GET and DELETE
+    /v1/faces/{id} are two routes)."""
+    methods: set[str] = set()
+    for context in iter_route_contexts(request.app.routes):
+        pattern = getattr(context, "path_regex", None)
+        if pattern is not None and context.methods and pattern.match(request.url.path):
+            methods.update(context.methods)
+    return sorted(methods)
+
+
+async def _handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     titles = {404: "Not found", 405: "Method not allowed", 413: "Request too large"}
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request)) or headers.get("Allow", "")
     problem = Problem(
         exc.status_code,
         f"http-{exc.status_code}",
         titles.get(exc.status_code, "HTTP error"),
         str(exc.detail) if exc.detail else None,
-        headers=getattr(exc, "headers", None),
+        headers=headers or None,
     )
     return problem_response(problem)
 

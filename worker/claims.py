@@ -170,3 +170,23 @@ def finish_job(
             status,
         )
     return applied
+
+
+def requeue_job(engine: Engine, job: ClaimedJob, error: Mapping[str, Any]) -> str | None:
+    """Hand the attempt's job back as a dead worker's would be (queued, its progress cleared) while it has
+    attempts left, else fail it with `error`; the status written, or None when the attempt no longer owns
+    the row. The caller sends the message (enqueued_at is left unset, so the sweeper sends it otherwise)."""
+    with engine.begin() as connection:
+        requeued = connection.execute(
+            update(_jobs)
+            .where(*owned_by(job), _jobs.c.attempts < _jobs.c.max_attempts)
+            .values(
+                status=JobStatus.QUEUED, worker=None, heartbeat_at=None, progress=null(), enqueued_at=None
+            )
+        ).rowcount
+    if requeued:
+        log.warning(
+            "job %s attempt %d met an outage (%s); queued again", job.id, job.attempt, error["detail"]
+        )
+        return JobStatus.QUEUED
+    return JobStatus.FAILED if finish_job(engine, job, JobStatus.FAILED, error=error) else None

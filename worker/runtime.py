@@ -26,8 +26,11 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import get_engine, session_scope
 from app.domain import JobStatus
+from app.jobs.training_states import discard_state
+from app.queue import try_enqueue_job
 from app.tables import Job, utcnow
-from worker.claims import ClaimedJob, claim_job, finish_job, owned_by
+from worker.claims import ClaimedJob, claim_job, finish_job, owned_by, requeue_job
+from worker.outages import outage_of
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +242,8 @@ Handler = Callable[[JobContext], Mapping[str, Any]]
 
 @dataclass(frozen=True)
 class Outcome:
+    """How an attempt ended: a finished status, or `queued` when an outage hands the job back for a retry."""
+
     status: JobStatus
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -262,6 +267,10 @@ def _outcome_of(handler: Handler | None, ctx: JobContext) -> Outcome:
             JobStatus.FAILED, error={"type": "time-limit", "title": "Time limit exceeded", "detail": detail}
         )
     except Exception as exc:
+        outage = outage_of(exc)
+        if outage is not None:
+            log.warning("job %s (%s) met an outage", ctx.job.id, ctx.job.kind, exc_info=True)
+            return Outcome(JobStatus.QUEUED, error=outage)
         log.exception("job %s (%s) raised an unexpected error", ctx.job.id, ctx.job.kind)
         detail = f"{type(exc).__name__}: {exc}"
         return Outcome(
@@ -299,16 +308,57 @@ def run_job(
     started = time.monotonic()
     with _Heartbeat(ctx):
         outcome = _outcome_of(handler, ctx)
-    finish_job(
-        engine,
-        claimed,
-        outcome.status,
-        result=outcome.result,
-        error=outcome.error,
-        progress=ctx.latest_progress,
-    )
+    written = _write_outcome(engine, ctx, outcome)
+    if written is not None and JobStatus(written).finished:
+        discard_state(settings, claimed.id)  # any end: nothing will resume from it
+    elif written == JobStatus.QUEUED:
+        try_enqueue_job(settings, claimed.id, claimed.kind)
     log.info("job %s took %.1f s", claimed.id, time.monotonic() - started)
     return outcome
+
+
+def _write_outcome(engine: Any, ctx: JobContext, outcome: Outcome) -> str | None:
+    """Record the attempt's end; the status written, or None when the attempt no longer owns the row.
+
+    The database may be down just when a long job ends. Dropping the write would leave the row `running`
+    until the sweeper's heartbeat timeout and then run the job again, so it is retried (1, 2, 4 … 10 s
+    apart) for as long as that timeout; it lands within seconds of the database coming back. Past it, the
+    sweeper, which has stopped seeing heartbeats, requeues the job on its next pass. An end the database
+    refuses (a result it cannot store) is recorded as a failure instead of being retried.
+    """
+    deadline = time.monotonic() + ctx.settings.job_heartbeat_timeout_s
+    delay = 1.0
+    while True:
+        try:
+            if outcome.status == JobStatus.QUEUED:
+                return requeue_job(engine, ctx.job, outcome.error or {})
+            applied = finish_job(
+                engine,
+                ctx.job,
+                outcome.status,
+                result=outcome.result,
+                error=outcome.error,
+                progress=ctx.latest_progress,
+            )
+            return outcome.status if applied else None
+        except SQLAlchemyError as exc:
+            if outage_of(exc) is None:  # the database answered: the end itself cannot be stored
+                if outcome.result is None and outcome.status == JobStatus.FAILED:
+                    raise
+                log.exception("job %s: its end could not be recorded; recording a failure", ctx.job.id)
+                outcome = _unrecordable(exc)
+                continue
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %s: could not record its end; trying again in %.0f s", ctx.job.id, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _unrecordable(exc: SQLAlchemyError) -> Outcome:
+    detail = f"the job's result could not be stored: {type(exc.orig or exc).__name__}"
+    error = {"type": "internal-error", "title": "Internal error", "detail": detail}
+    return Outcome(JobStatus.FAILED, error=error)
 
 
 def _registered_handler(kind: str) -> Handler:

@@ -2,8 +2,9 @@
 
 Every api process may run a sweeper at once: each change is one conditional UPDATE that only the first
 sweeper to reach a row can make, and a job is re-sent only by the sweeper whose update claimed it (the
-update stamps `enqueued_at`, so the others no longer see it as unsent). A job sent twice would be harmless
-anyway: the worker's claim (queued → running) succeeds once.
+update stamps `enqueued_at`, so the others no longer see it as unsent), and only when the broker no longer
+holds its message (app/broker_inventory.py; a job merely waiting behind a busy worker is not re-sent). A job
+sent twice would be harmless anyway: the worker's claim (queued → running) succeeds once.
 """
 
 import logging
@@ -16,12 +17,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import ColumnElement, and_, exists, func, null, or_, update
 from sqlalchemy.orm import Session
 
+from app.broker_inventory import held_job_ids
 from app.config import Settings
 from app.db import session_scope
 from app.domain import JobStatus
 from app.erasures import finish_pending_erasures
 from app.jobs import auto_finetune
-from app.queue import send_chunk, send_job
+from app.jobs.training_states import discard_states_of_ended_jobs
+from app.queue import queue_for, send_chunk, send_job
 from app.tables import Job, JobChunk
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ NEVER_SENT_GRACE_S = 10.0
 @dataclass
 class SweepReport:
     resent: list[uuid.UUID] = field(default_factory=list)
+    still_in_broker: list[uuid.UUID] = field(default_factory=list)  # looked lost, but the broker has them
     requeued: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
     cancelled: list[uuid.UUID] = field(default_factory=list)
@@ -42,6 +46,7 @@ class SweepReport:
     chunks_failed: list[uuid.UUID] = field(default_factory=list)
     erased: int = 0
     erasures_pending: int = 0
+    training_states_removed: int = 0  # left by jobs that ended without their worker
 
 
 def _claim_lost_messages(session: Session, settings: Settings, now: datetime) -> list[tuple[uuid.UUID, str]]:
@@ -156,8 +161,9 @@ def _recover_lost_chunks(session: Session, settings: Settings, now: datetime, re
 
 def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
     """One pass: recover jobs of dead workers, re-send queued jobs whose message may be lost, finish the
-    erasures of files the blob store refused to remove (app/erasures.py), then apply the auto fine-tune
-    policy (app/jobs/auto_finetune.py; off unless `auto_finetune_after_labels` is set)."""
+    erasures of files the blob store refused to remove (app/erasures.py), remove the training states of
+    ended jobs (app/jobs/training_states.py), then apply the auto fine-tune policy
+    (app/jobs/auto_finetune.py; off unless `auto_finetune_after_labels` is set)."""
     now = now or datetime.now(UTC)
     report = SweepReport()
     with session_scope(settings.database_url) as session:
@@ -171,6 +177,7 @@ def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
             log.warning("could not re-send chunk %s; its job's worker takes it", chunk_id)
     with session_scope(settings.database_url) as session:
         resent = _claim_lost_messages(session, settings, now)
+    to_send, resent = _not_held_by_broker(settings, to_send, resent, now, report)
     report.resent.extend(job_id for job_id, _ in resent)
     for job_id, kind in [*to_send, *resent]:
         try:
@@ -182,6 +189,7 @@ def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
             report.send_failures.append(job_id)
             _release_send_claim(settings, job_id, now)
     report.erased, report.erasures_pending = finish_pending_erasures(settings)
+    report.training_states_removed = discard_states_of_ended_jobs(settings)
     try:
         queued = auto_finetune.queue_if_due(settings)
     except Exception:
@@ -202,6 +210,30 @@ def sweep_once(settings: Settings, now: datetime | None = None) -> SweepReport:
             len(report.chunks_failed),
         )
     return report
+
+
+def _not_held_by_broker(
+    settings: Settings,
+    requeued: list[tuple[uuid.UUID, str]],
+    unsent: list[tuple[uuid.UUID, str]],
+    now: datetime,
+    report: SweepReport,
+) -> tuple[list[tuple[uuid.UUID, str]], list[tuple[uuid.UUID, str]]]:
+    """Leave out the jobs whose message the broker still holds (app/broker_inventory.py): a queued job
+    waiting behind a busy worker is not lost, and a duplicate would cost a worker process later. Its stamp
+    stays, so it is looked at again `job_requeue_after_s` later. A job requeued from a dead worker counts
+    only a waiting message (one Celery put back): the dead worker's own delivery is never acknowledged."""
+    jobs = [*requeued, *unsent]
+    if not jobs:
+        return requeued, unsent
+    since = (now - timedelta(seconds=settings.job_requeue_after_s)).timestamp()
+    held = held_job_ids(settings, {queue_for(settings, kind) for _, kind in jobs}, delivered_since=since)
+    if held is None:
+        return requeued, unsent
+    in_broker = [job for job in unsent if str(job[0]) in held.waiting | held.delivered]
+    in_broker += [job for job in requeued if str(job[0]) in held.waiting]
+    report.still_in_broker.extend(job_id for job_id, _ in in_broker)
+    return [job for job in requeued if job not in in_broker], [job for job in unsent if job not in in_broker]
 
 
 def _release_send_claim(settings: Settings, job_id: uuid.UUID, claimed_at: datetime) -> None:

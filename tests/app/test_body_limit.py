@@ -4,13 +4,18 @@ import io
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import anyio
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.config import Settings
+from app.main import create_app
+from app.problems import PROBLEM_MEDIA_TYPE
 from app.tables import Face, FeedbackPair
+from tests.app.asgi import Answer, call, post_scope
 from tests.app.factories import count_rows, insert_face
 from tests.app.problems import assert_problem
 
@@ -110,3 +115,34 @@ def test_uploads_keep_their_own_larger_limit(limited: TestClient, settings: Sett
 
     assert response.status_code == 201, response.text
     assert count_rows(settings, Face) == 1
+
+
+HEAD = b'--cut\r\nContent-Disposition: form-data; name="file"; filename="f.png"\r\n\r\n'
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [("/v1/feedback", "application/json"), ("/v1/faces", "multipart/form-data; boundary=cut")],
+)
+def test_a_body_that_stops_arriving_is_answered_408_and_the_connection_closed(
+    settings: Settings, all_scopes_key: str, path: str, content_type: str
+) -> None:
+    app = create_app(settings.model_copy(update={"body_timeout_s": 0.5}), run_sweeper=False)
+    messages = [{"type": "http.request", "body": HEAD, "more_body": True}]
+
+    async def stall() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await anyio.sleep(60)  # the client sends nothing more
+        return {"type": "http.disconnect"}
+
+    async def stalled() -> Answer:
+        with anyio.fail_after(10):
+            return await call(app, post_scope(app, path, content_type, all_scopes_key), stall)
+
+    answer = anyio.run(stalled)
+
+    assert (answer.status, answer.headers["content-type"]) == (408, PROBLEM_MEDIA_TYPE)
+    assert answer.headers["connection"] == "close"
+    assert json.loads(answer.body)["type"].endswith("/body-timeout")
+    assert count_rows(settings, Face) == 0 and count_rows(settings, FeedbackPair) == 0

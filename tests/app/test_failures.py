@@ -20,6 +20,7 @@ from app.config import Settings
 from app.db import get_engine
 from app.main import create_app
 from app.tables import Face, ModelVersion
+from tests.app.asgi import call, post_scope
 from tests.app.factories import count_rows
 from tests.app.problems import assert_problem
 from tests.keys import bearer, issue_test_key
@@ -155,7 +156,15 @@ def test_the_document_describes_every_error_as_a_problem(client: TestClient) -> 
         if path.startswith("/v1/"):
             assert {"500", "503"} <= set(responses), path
         if "requestBody" in operation and path.startswith("/v1/"):
-            assert "413" in responses, path
+            assert {"408", "413"} <= set(responses), path
+            media_types = set(operation["requestBody"]["content"])
+            if "application/json" in media_types:
+                assert "invalid-json" in responses["400"]["description"], path
+            if any(p["name"].lower() == "idempotency-key" for p in operation.get("parameters", [])):
+                assert "Idempotency-Key" in responses["409"]["description"], path
+            if "multipart/form-data" in media_types:
+                assert "malformed-multipart" in responses["400"]["description"], path
+                assert "expected-multipart" in responses["415"]["description"], path
         for status, response in responses.items():
             if int(status) >= 400:
                 assert response["content"] == {"application/problem+json": problem}, (path, status)
@@ -175,38 +184,46 @@ def test_a_client_leaving_mid_upload_leaves_no_error_in_the_log_and_no_file(
         {"type": "http.request", "body": head, "more_body": True},
         {"type": "http.disconnect"},
     ]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/faces",
-        "raw_path": b"/v1/faces",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"content-type", b"multipart/form-data; boundary=cut"),
-            (b"authorization", f"Bearer {all_scopes_key}".encode()),
-        ],
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8000),
-        "app": app,
-    }
-    sent: list[dict] = []
+    scope = post_scope(app, "/v1/faces", "multipart/form-data; boundary=cut", all_scopes_key)
 
     async def receive() -> dict:
         return messages.pop(0) if messages else {"type": "http.disconnect"}
 
-    async def send(message: dict) -> None:
-        sent.append(message)
-
     with caplog.at_level(logging.INFO):
-        asyncio.run(app(scope, receive, send))
+        answer = asyncio.run(call(app, scope, receive))
 
-    assert sent[0]["status"] == 400
+    assert answer.status == 400
     assert [record for record in caplog.records if record.levelno >= logging.ERROR] == []
     assert any("disconnected" in record.getMessage() for record in caplog.records)
     faces = settings.blob_dir / "faces"
     assert not faces.exists() or [path for path in faces.rglob("*") if path.is_file()] == []
     assert count_rows(settings, Face) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", f"/v1/faces/{uuid.uuid4()}", "DELETE, GET"),
+        ("PATCH", "/v1/faces", "GET, POST"),
+        ("DELETE", "/v1/jobs", "GET, POST"),
+        ("POST", "/healthz", "GET"),
+        ("DELETE", "/v1/feedback/batch", "POST"),  # not a feedback id
+    ],
+)
+def test_a_method_not_allowed_names_every_method_of_the_path(
+    client: TestClient, method: str, path: str, allowed: str
+) -> None:
+    response = client.request(method, path)
+
+    assert_problem(response, 405, "http-405")
+    assert response.headers["allow"] == allowed
+
+
+def test_a_body_that_is_not_json_is_a_400_problem_and_json_that_does_not_fit_a_422(
+    client: TestClient,
+) -> None:
+    broken = client.post("/v1/feedback", content=b'{"face_a": ', headers={"content-type": "application/json"})
+    misfit = client.post("/v1/feedback", json={"face_a": "not a uuid"})
+
+    assert assert_problem(broken, 400, "invalid-json")["errors"][0]["type"] == "json_invalid"
+    assert_problem(misfit, 422, "validation-error")

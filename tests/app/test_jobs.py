@@ -14,6 +14,8 @@ from app.db import session_scope
 from app.jobs.params import DEFAULT_DISTILL_WEIGHT, DEFAULT_MARGIN
 from app.jobs.service import create_job
 from app.jobs.sweeper import start_background_sweeper, sweep_once
+from app.jobs.training_states import state_path
+from app.queue import make_celery, send_job
 from app.tables import Job
 from tests.app.factories import activate_directly, insert_job, insert_model, read_job
 from tests.app.problems import assert_problem
@@ -337,6 +339,52 @@ class TestSweeper:
         assert report.send_failures == [job_id]
         assert read_job(settings, job_id).enqueued_at is None
         assert sweep_once(settings, now=NOW + timedelta(seconds=1)).resent == [job_id]
+
+    def test_does_not_re_send_a_job_whose_message_the_broker_still_holds(
+        self, settings: Settings, broker: QueueProbe
+    ) -> None:
+        now = datetime.now(UTC)
+        stale = now - timedelta(seconds=settings.job_requeue_after_s + 1)
+        delivered, waiting, lost = (
+            insert_job(settings, created_at=stale, enqueued_at=stale) for _ in range(3)
+        )
+        dead = now - timedelta(seconds=settings.job_heartbeat_timeout_s + 1)
+        put_back = insert_job(settings, status="running", attempts=1, started_at=dead, heartbeat_at=dead)
+        for job_id in (delivered, waiting, put_back):  # put_back: Celery requeued its dead worker's message
+            send_job(settings, job_id, "finetune")
+        with make_celery(settings).connection_for_read() as connection:
+            queue = connection.SimpleQueue(broker.name)
+            taken = queue.get(timeout=5)  # a worker got `delivered` and has not acknowledged it yet
+            try:
+                report = sweep_once(settings, now=now)
+            finally:
+                taken.ack()
+                queue.close()
+
+        assert taken.payload[0] == [str(delivered)]
+        assert report.requeued == [put_back]
+        assert report.resent == [lost]
+        assert sorted(report.still_in_broker) == sorted([delivered, waiting, put_back])
+        assert sorted(broker.sent_job_ids()) == sorted([str(waiting), str(put_back), str(lost)])
+
+    def test_removes_the_training_states_of_ended_jobs_only(self, settings: Settings) -> None:
+        running = insert_job(settings, status="running", attempts=1, started_at=NOW, heartbeat_at=NOW)
+        queued = insert_job(settings, created_at=NOW, enqueued_at=NOW)
+        failed = insert_job(settings, status="failed", attempts=3, finished_at=NOW)
+        gone = uuid.uuid4()
+        for job_id in (running, queued, failed, gone):
+            state_path(settings, job_id).parent.mkdir(parents=True, exist_ok=True)
+            state_path(settings, job_id).write_bytes(b"state")
+
+        report = sweep_once(settings, now=NOW)
+
+        assert report.training_states_removed == 2
+        assert [state_path(settings, job_id).exists() for job_id in (running, queued, failed, gone)] == [
+            True,
+            True,
+            False,
+            False,
+        ]
 
     def test_background_sweeper_runs_until_stopped(self, settings: Settings, broker: QueueProbe) -> None:
         job_id = insert_job(settings, created_at=datetime.now(UTC) - timedelta(hours=1))

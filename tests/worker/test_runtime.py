@@ -1,5 +1,6 @@
 """The job lifecycle on the worker: claiming, ownership, progress, heartbeat, cancellation, outcomes."""
 
+import errno
 import subprocess
 import sys
 import threading
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from app.config import Settings
 from app.db import session_scope
@@ -336,3 +338,78 @@ def test_the_tasks_are_registered_and_the_parent_never_imports_torch() -> None:
     assert output[1] == "gpu True"
     assert output[2] == "[]"
     assert output[3] == "embed", "a worker that sends an embed task routes it as the api does"
+
+
+def test_an_end_whose_write_meets_a_database_outage_is_written_once_the_database_answers(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.runtime
+
+    real_finish = worker.runtime.finish_job
+    calls: list[str] = []
+    waits: list[float] = []
+
+    def finish_while_down(*args: Any, **kwargs: Any) -> bool:
+        calls.append(args[2])
+        if len(calls) < 3:
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(worker.runtime, "finish_job", finish_while_down)
+    monkeypatch.setattr(worker.runtime.time, "sleep", waits.append)
+    job = _run_with(settings, lambda _ctx: {"answer": 42})
+
+    assert (job.status, job.result) == ("succeeded", {"answer": 42})
+    assert calls == ["succeeded"] * 3 and waits == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "storage-unavailable"),
+        (OperationalError("INSERT INTO models", {}, Exception("the database system is starting up")), None),
+    ],
+)
+def test_an_outage_in_the_handler_queues_the_job_again_while_it_has_attempts(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, error: Exception, kind: str | None
+) -> None:
+    import worker.runtime
+
+    sent: list[uuid.UUID] = []
+    monkeypatch.setattr(worker.runtime, "try_enqueue_job", lambda _s, job_id, _kind: sent.append(job_id))
+
+    def handler(ctx: JobContext) -> dict[str, Any]:
+        ctx.progress(phase="saving")
+        raise error
+
+    job_id = _queued(settings, max_attempts=2)
+    outcomes = [run_job(job_id, settings=settings, worker_name="w", handler=handler, timings=FAST)]
+    requeued = _job(settings, job_id)
+    outcomes.append(run_job(job_id, settings=settings, worker_name="w", handler=handler, timings=FAST))
+    spent = _job(settings, job_id)
+
+    assert [outcome.status for outcome in outcomes] == ["queued", "queued"]
+    assert (requeued.status, requeued.attempts, requeued.progress, requeued.worker) == (
+        "queued",
+        1,
+        None,
+        None,
+    )
+    assert sent == [job_id], "sent again once; the second attempt was the last"
+    assert (spent.status, spent.attempts) == ("failed", 2)
+    assert spent.error["type"] == (kind or "database-unavailable") and spent.error["title"]
+
+
+def test_an_unreadable_file_is_no_outage_and_fails_the_job_at_once(settings: Settings) -> None:
+    def handler(_ctx: JobContext) -> dict[str, Any]:
+        raise OSError("cannot identify image file")
+
+    job = _run_with(settings, handler)
+    assert (job.status, job.attempts, job.error["type"]) == ("failed", 1, "internal-error")
+
+
+def test_a_result_the_database_refuses_is_recorded_as_a_failure_not_left_running(settings: Settings) -> None:
+    job = _run_with(settings, lambda _ctx: {"auc": float("nan")})  # NaN is not JSON: PostgreSQL refuses it
+
+    assert (job.status, job.result, job.error["type"]) == ("failed", None, "internal-error")
+    assert "could not be stored" in job.error["detail"]

@@ -4,7 +4,9 @@ The steps, each visible in the job's progress phase:
 
 1. loading: the parent checkpoint and the feedback sets (see worker.jobs.data: train without regression
    faces, val for model selection and the threshold, test and regression for judging), each face decoded once.
-2. train / epoch: worker.ml.training.finetune, cancellable between steps.
+2. train / epoch: worker.ml.training.finetune, cancellable between steps. The trainer state is saved at every
+   epoch end (worker.jobs.training_state) and a retry resumes after the last saved epoch; the state is
+   removed when the job ends, however it ends (worker.runtime, and the sweeper for jobs it ends itself).
 3. saving: the best epoch's weights in MagFace's layout with their metadata, into the blob store, and a
    `ready` ModelVersion with its lineage, hyper-parameters and a snapshot of the feedback. A job registers
    one child at most (a unique index on `models.created_by_job_id`): a retry whose earlier attempt got this
@@ -43,6 +45,7 @@ from worker.jobs.data import (
     load_feedback,
 )
 from worker.jobs.registry import LoadedModel, blob_store, load_model, model_row, threshold_for
+from worker.jobs.training_state import fingerprint, load_state, save_state
 from worker.ml.checkpoints import write_checkpoint
 from worker.ml.embedding import select_device
 from worker.ml.pairs import IndexedPairs
@@ -97,9 +100,14 @@ def _load_pairs(ctx: JobContext, size: int) -> PairSets:
 
 
 def _train(
-    ctx: JobContext, parent: LoadedModel, data: PairSets, config: TrainConfig
-) -> tuple[Any, FinetuneResult]:
+    ctx: JobContext, parent: LoadedModel, data: PairSets, config: TrainConfig, feedback_sha256: str
+) -> tuple[Any, FinetuneResult, int]:
+    """Train (or go on training) a copy of the parent; also the epoch an earlier attempt had reached."""
     backbone = copy.deepcopy(parent.backbone)
+    start = fingerprint(
+        parent_sha256=parent.sha256, hyperparameters=config.to_dict(), feedback_sha256=feedback_sha256
+    )
+    resume = load_state(ctx, start)
 
     def report(update: TrainProgress) -> None:
         ctx.progress(force=update.phase == "epoch" or update.step in (1, update.steps), **asdict(update))
@@ -115,10 +123,12 @@ def _train(
             should_cancel=ctx.should_cancel,
             device=select_device(),
             progress_interval=ctx.timings.progress_interval_s,
+            resume=resume,
+            on_epoch_end=lambda state: save_state(ctx, state, start),
         )
     except TrainingCancelled as exc:
         raise JobCancelled(str(exc)) from exc
-    return backbone, result
+    return backbone, result, resume.epoch if resume is not None else 0
 
 
 def _store_checkpoint(
@@ -287,8 +297,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
     ctx.raise_if_cancelled("before training")
 
     earlier = _registered_child(ctx)
+    resumed_after = None
     if earlier is None:
-        backbone, result = _train(ctx, parent, data, config)
+        backbone, result, resumed_after = _train(ctx, parent, data, config, snapshot["feedback_ids_sha256"])
         ctx.raise_if_cancelled("after training, before the model was registered")
         ctx.progress(phase="saving", force=True)
         candidate = _register(ctx, parent, backbone, result, config, snapshot)
@@ -344,6 +355,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "history": training.history,
         "threshold": training.threshold,
         "trained_by_earlier_attempt": earlier is not None,
+        "resumed_after_epoch": resumed_after,
         "dataset_snapshot": snapshot,
         "evaluations": {"test": test, "regression": regression},
         "evidence_report": evidence,

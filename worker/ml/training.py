@@ -119,6 +119,41 @@ class FinetuneResult:
 
 
 @dataclass
+class TrainerState:
+    """Everything a fine-tune needs to go on after epoch `epoch` as if it had never stopped.
+
+    A retried job resumes from the last one instead of training from scratch, which on a GPU can be hours.
+    Weights, Adam's moments and step counts, the torch RNG, the best epoch so far (weights, val figures and
+    scores, for the threshold) and the patience count. `to_dict()` holds only tensors and plain values, so
+    `torch.load(weights_only=True)` reads it back; the batches of an epoch come from `(seed, epoch)` alone.
+    """
+
+    epoch: int
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    rng: Tensor
+    best_state: dict[str, Tensor]
+    best_epoch: int
+    best_loss: float | None
+    best_auc: float | None
+    best_scores: Tensor | None
+    stale: int
+    history: list[EpochRecord]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "history": [record.to_dict() for record in self.history]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainerState":
+        return cls(**{**data, "history": [EpochRecord(**record) for record in data["history"]]})
+
+    def best(self) -> "_Validation | None":
+        if self.best_loss is None or self.best_scores is None:
+            return None
+        return _Validation(self.best_loss, self.best_auc, self.best_scores.numpy())
+
+
+@dataclass
 class _Validation:
     loss: float
     auc: float | None
@@ -159,6 +194,8 @@ def finetune(
     should_cancel: Callable[[], bool] | None = None,
     device: torch.device | str | None = None,
     progress_interval: float = 0.5,
+    resume: TrainerState | None = None,
+    on_epoch_end: Callable[[TrainerState], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `model` in place with Adam on the contrastive loss; BatchNorm and dropout stay in eval mode.
 
@@ -168,6 +205,9 @@ def finetune(
     that only hurts gives them back. Training stops after `patience` epochs without improvement, and the
     threshold is calibrated on the val scores of the best state. On return the model holds `best_state` and
     stays on `device` (default: the GPU when there is one). Repeatable on the CPU: same seed, same history.
+
+    `on_epoch_end` gets a `TrainerState` after every epoch; passing the last one as `resume`, with the same
+    starting `model`, pairs and config, goes on from the next epoch and ends as the uninterrupted run would.
     """
     if len(train) == 0:
         raise ValueError("no training pairs")
@@ -183,7 +223,8 @@ def finetune(
     for parameter in frozen:
         parameter.requires_grad_(False)
     try:
-        return _run(model, spec, train, val, config, target, report, cancel)
+        epoch_end = on_epoch_end or (lambda _state: None)
+        return _run(model, spec, train, val, config, target, report, cancel, resume, epoch_end)
     finally:
         for parameter, flag in zip(frozen, previous_flags, strict=True):
             parameter.requires_grad_(flag)
@@ -223,21 +264,31 @@ def _run(
     device: torch.device,
     report: _Throttled,
     cancel: Callable[[], bool],
+    resume: TrainerState | None,
+    on_epoch_end: Callable[[TrainerState], None],
 ) -> FinetuneResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     anchors = None
-    if config.distill_weight > 0:
+    if config.distill_weight > 0:  # the starting model's embeddings, also when resuming
         anchors = embed_pixels(model, spec, train.pixels, batch_size=config.embed_batch_size).embeddings
     data = _TrainingSet(
         *(t.to(device) for t in (train.pixels, train.first, train.second, train.labels)),
         anchors=anchors.to(device) if anchors is not None else None,
     )
-    best = _validate(model, spec, val, config, device) if val is not None else None
-    history = [EpochRecord(0, None, best.loss, best.auc)] if best is not None else []
-    best_state = _cpu_state(model) if val is not None else {}
-    best_epoch, stale, stopped_early = 0, 0, False
-    for epoch in range(1, config.epochs + 1):
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        torch.set_rng_state(resume.rng)
+        best, best_state, history = resume.best(), resume.best_state, list(resume.history)
+        start, best_epoch, stale = resume.epoch + 1, resume.best_epoch, resume.stale
+    else:
+        best = _validate(model, spec, val, config, device) if val is not None else None
+        history = [EpochRecord(0, None, best.loss, best.auc)] if best is not None else []
+        best_state = _cpu_state(model) if val is not None else {}
+        start, best_epoch, stale = 1, 0, 0
+    stopped_early = stale >= config.patience and start <= config.epochs  # an earlier attempt stopped here
+    for epoch in range(start, config.epochs + 1) if not stopped_early else ():
         batches = _plan_epoch(train, config, epoch)
         train_loss = _train_epoch(model, spec, data, optimizer, batches, epoch, config, report, cancel)
         current = None
@@ -256,15 +307,41 @@ def _run(
             best, best_state, best_epoch, stale = current, _cpu_state(model), epoch, 0
         else:
             stale += 1
-            if stale >= config.patience:
-                stopped_early = epoch < config.epochs
-                break
+        on_epoch_end(_state_after(epoch, model, optimizer, best_state, best_epoch, best, stale, history))
+        if stale >= config.patience:
+            stopped_early = epoch < config.epochs
+            break
     final_state = _cpu_state(model)
     if val is None:
         return FinetuneResult(final_state, final_state, best_epoch, None, history, stopped_early)
     model.load_state_dict(best_state)
     threshold = calibrate_threshold(best.scores, val.labels.numpy())
     return FinetuneResult(best_state, final_state, best_epoch, threshold, history, stopped_early)
+
+
+def _state_after(
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    best_state: dict[str, Tensor],
+    best_epoch: int,
+    best: _Validation | None,
+    stale: int,
+    history: list[EpochRecord],
+) -> TrainerState:
+    return TrainerState(
+        epoch=epoch,
+        model=_cpu_state(model),
+        optimizer=optimizer.state_dict(),
+        rng=torch.get_rng_state(),
+        best_state=best_state,
+        best_epoch=best_epoch,
+        best_loss=best.loss if best is not None else None,
+        best_auc=best.auc if best is not None else None,
+        best_scores=torch.from_numpy(best.scores.copy()) if best is not None else None,
+        stale=stale,
+        history=list(history),
+    )
 
 
 def _train_epoch(

@@ -1,5 +1,7 @@
+import io
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +17,14 @@ from worker.ml.metrics import calibrate_threshold
 from worker.ml.pairs import IndexedPairs
 from worker.ml.preprocessing import PreprocessSpec, preprocess_spec_for, to_model_input
 from worker.ml.train_step import distinct_image_loss
-from worker.ml.training import FinetuneResult, TrainConfig, TrainingCancelled, TrainProgress, finetune
+from worker.ml.training import (
+    FinetuneResult,
+    TrainConfig,
+    TrainerState,
+    TrainingCancelled,
+    TrainProgress,
+    finetune,
+)
 
 TINY_SPEC = PreprocessSpec(channel_order="RGB", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), size=16)
 
@@ -310,3 +319,51 @@ def test_no_training_pairs_is_an_error(val_pairs: IndexedPairs) -> None:
     empty = IndexedPairs.from_arrays(val_pairs.pixels, [], [], [], val_pairs.names)
     with pytest.raises(ValueError, match="no training pairs"):
         finetune(tiny_model(), TINY_SPEC, empty, val_pairs, TrainConfig(), device="cpu")
+
+
+def _saved_and_loaded(state: TrainerState) -> TrainerState:
+    """The state through torch.save and a weights-only load, as a retried job reads it back."""
+    buffer = io.BytesIO()
+    torch.save(state.to_dict(), buffer)
+    buffer.seek(0)
+    return TrainerState.from_dict(torch.load(buffer, weights_only=True))
+
+
+def test_resuming_from_an_epoch_state_ends_as_the_uninterrupted_run(
+    train_pairs: IndexedPairs, val_pairs: IndexedPairs
+) -> None:
+    def three_epochs(**hooks: Any) -> FinetuneResult:
+        config = TrainConfig(epochs=3, learning_rate=1e-2, batch_size=8)
+        return finetune(tiny_model(), TINY_SPEC, train_pairs, val_pairs, config, device="cpu", **hooks)
+
+    states: list[TrainerState] = []
+    whole = three_epochs(on_epoch_end=lambda state: states.append(_saved_and_loaded(state)))
+    assert [state.epoch for state in states] == [1, 2, 3]
+    epochs: list[int] = []
+
+    resumed = three_epochs(resume=states[0], progress=lambda update: epochs.append(update.epoch))
+
+    assert set(epochs) == {2, 3}, "the resumed run trained epochs 2 and 3 only"
+    assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch
+    assert resumed.threshold == whole.threshold
+    for name, value in whole.final_state.items():
+        torch.testing.assert_close(resumed.final_state[name], value, rtol=0, atol=0, msg=name)
+    for name, value in whole.best_state.items():
+        torch.testing.assert_close(resumed.best_state[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_state_saved_after_early_stopping_trains_no_further(
+    train_pairs: IndexedPairs, val_pairs: IndexedPairs
+) -> None:
+    config = TrainConfig(epochs=5, learning_rate=0.0, batch_size=8, patience=1)
+    states: list[TrainerState] = []
+    stopped = finetune(
+        tiny_model(), TINY_SPEC, train_pairs, val_pairs, config, device="cpu", on_epoch_end=states.append
+    )
+    assert stopped.stopped_early and states[-1].epoch == 1
+
+    resumed = finetune(
+        tiny_model(), TINY_SPEC, train_pairs, val_pairs, config, device="cpu", resume=states[-1]
+    )
+
+    assert resumed.stopped_early and resumed.history == stopped.history

@@ -13,6 +13,7 @@ import os
 import statistics
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,20 +74,23 @@ async def _drive(
     import httpx
 
     latencies: list[float] = []
-    errors = 0
+    failures: Counter[str] = Counter()
     counter = itertools.count()
     deadline = time.perf_counter() + seconds
 
     async def client_loop() -> None:
-        nonlocal errors
         async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
             while time.perf_counter() < deadline:
                 face_a, face_b = next(pairs)
                 body = {"face_a": face_a, "face_b": face_b, "label": next(counter) % 2}
                 started = time.perf_counter()
-                response = await http.post(path, json=body)
+                try:
+                    response = await http.post(path, json=body)
+                except httpx.TransportError as exc:  # counted and named, not fatal: the run goes on
+                    failures[type(exc).__name__] += 1
+                    continue
                 if response.status_code != 201:
-                    errors += 1
+                    failures[str(response.status_code)] += 1
                     continue
                 latencies.append(time.perf_counter() - started)
 
@@ -98,7 +102,8 @@ async def _drive(
     return {
         "clients": clients,
         "requests": len(ordered),
-        "errors": errors,
+        "errors": sum(failures.values()),
+        "error_kinds": dict(failures),
         "requests_per_s": round(len(ordered) / elapsed, 1),
         "p50_ms": round(1000 * statistics.median(ordered), 2) if ordered else None,
         "p99_ms": round(1000 * p99, 2) if p99 is not None else None,

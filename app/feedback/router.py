@@ -151,10 +151,8 @@ def list_feedback(
     return Page[FeedbackOut](items=[FeedbackOut.model_validate(pair) for pair in pairs], next_cursor=cursor)
 
 
-# `:uuid`, so that `/v1/feedback/batch` is never taken for an id: DELETE on it is a 405 naming POST, not a
-# 422 about a malformed feedback id.
 @router.get(
-    "/{feedback_id:uuid}",
+    "/{feedback_id}",
     dependencies=[requires(Scope.FEEDBACK_READ)],
     response_model=FeedbackOut,
     responses={404: problem_doc("No such feedback")},
@@ -164,7 +162,7 @@ def get_feedback(feedback_id: uuid.UUID, session: SessionDep) -> FeedbackOut:
 
 
 @router.delete(
-    "/{feedback_id:uuid}",
+    "/{feedback_id}",
     dependencies=[requires(Scope.FEEDBACK_WRITE)],
     status_code=204,
     responses={404: problem_doc("No such feedback")},

@@ -100,12 +100,15 @@ def allowed_methods(request: Request) -> list[str]:
     """Every method some route of the app takes at this path. The router's own 405 names only the methods
     of the first route that matched the path, while a path is often served by several (GET and DELETE
     /v1/faces/{id} are two routes)."""
-    methods: set[str] = set()
+    literal: set[str] = set()
+    templated: set[str] = set()
     for context in iter_route_contexts(request.app.routes):
         pattern = getattr(context, "path_regex", None)
         if pattern is not None and context.methods and pattern.match(request.url.path):
-            methods.update(context.methods)
-    return sorted(methods)
+            (templated if "{" in getattr(context, "path", "{") else literal).update(context.methods)
+    # A literal path (/v1/feedback/batch) is a resource of its own, as the OpenAPI document has it: it does
+    # not take the methods of a template that its text happens to fit (/v1/feedback/{feedback_id}).
+    return sorted(literal or templated)
 
 
 async def _handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -39,7 +39,8 @@ from tests.e2e.flow import (
 from tests.e2e.services import RunningApi, client_with_key
 from tests.keys import issue_test_key
 
-pytestmark = pytest.mark.slow
+# One xdist worker takes the whole module: its stacks and browser are started once, for every test in it.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("console-browser")]
 
 PEOPLE = 8
 IMAGES_PER_PERSON = 4

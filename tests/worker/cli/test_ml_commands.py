@@ -41,6 +41,10 @@ def run_failing(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> str:
     return lines[0]
 
 
+# One xdist worker takes the whole module: its fine-tuned checkpoint is made once, for every test in it.
+pytestmark = pytest.mark.xdist_group("ml-commands")
+
+
 @pytest.fixture(scope="module")
 def split_dir(johns_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("splits")

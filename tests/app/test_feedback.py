@@ -429,7 +429,8 @@ def test_listing_filters_by_label_split_and_face(client: TestClient, settings: S
 def test_unknown_and_malformed_feedback_ids(client: TestClient) -> None:
     assert_problem(client.get(f"/v1/feedback/{uuid.uuid4()}"), 404, "unknown-feedback")
     assert_problem(client.delete(f"/v1/feedback/{uuid.uuid4()}"), 404, "unknown-feedback")
-    assert_problem(client.get("/v1/feedback/42"), 422, "validation-error")
+    assert_problem(client.get("/v1/feedback/42"), 404, "http-404")  # not a UUID: no feedback has that path
+    assert_problem(client.get("/v1/feedback/batch"), 405, "http-405")  # the batch's path takes POST only
 
 
 def test_retracting_a_pair_removes_it_only(

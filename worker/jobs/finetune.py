@@ -44,6 +44,7 @@ from worker.jobs.data import (
     label_counts,
     load_feedback,
 )
+from worker.jobs.phases import PhaseClock
 from worker.jobs.registry import LoadedModel, blob_store, load_model, model_row, threshold_for
 from worker.jobs.training_state import fingerprint, load_state, save_state
 from worker.ml.checkpoints import write_checkpoint
@@ -288,64 +289,48 @@ def _promote(ctx: JobContext, candidate: LoadedModel, decision: gate.GateDecisio
 def run(ctx: JobContext) -> dict[str, Any]:
     params = ctx.params
     config = train_config(params)
-    ctx.progress(phase="loading", force=True)
-    with ctx.session() as session:
-        parent_row = model_row(session, params.get("base_model"), role="base_model")
-    parent = load_model(ctx.settings, parent_row)
-    data = _load_pairs(ctx, parent.spec.size)
-    snapshot = data.sets.snapshot()
+    clock = PhaseClock(ctx)
+    with clock.phase("loading", progress="loading"):
+        with ctx.session() as session:
+            parent_row = model_row(session, params.get("base_model"), role="base_model")
+        parent = load_model(ctx.settings, parent_row)
+        data = _load_pairs(ctx, parent.spec.size)
+        snapshot = data.sets.snapshot()
     ctx.raise_if_cancelled("before training")
 
     earlier = _registered_child(ctx)
-    resumed_after = None
+    resumed_after, start_scores = None, None
     if earlier is None:
-        backbone, result, resumed_after = _train(ctx, parent, data, config, snapshot["feedback_ids_sha256"])
+        with clock.phase("training") as training_phase:  # the trainer reports its own progress phases
+            feedback_sha256 = snapshot["feedback_ids_sha256"]
+            backbone, result, resumed_after = _train(ctx, parent, data, config, feedback_sha256)
+            epochs_here = sum(1 for record in result.history if record.epoch > resumed_after)
+            training_phase.update(epochs=epochs_here, pairs=epochs_here * len(data.indexed["train"]))
         ctx.raise_if_cancelled("after training, before the model was registered")
-        ctx.progress(phase="saving", force=True)
-        candidate = _register(ctx, parent, backbone, result, config, snapshot)
-        training = Training.of(result)
+        with clock.phase("saving", progress="saving"):
+            candidate = _register(ctx, parent, backbone, result, config, snapshot)
+        training, start_scores = Training.of(result), result.start_scores
     else:
         candidate, training, snapshot = earlier
 
-    ctx.progress(phase="evaluating", force=True)
-    device = select_device()
-    parent_threshold = threshold_for(parent, data.indexed["val"], device=device)
-    judged = [name for name in ("test", REGRESSION) if data.sets.pairs[name]]
-    evaluations = compare_on(
-        ctx,
-        parent=parent.under_test(*parent_threshold),
-        candidate=candidate.under_test(training.threshold, "val"),
-        ids=(parent.id, candidate.id),
-        pair_sets={name: (data.sets.pairs[name], data.indexed[name]) for name in judged},
-        device=device,
-        bootstrap=bootstrap_config(ctx.settings),
-    )
+    with clock.phase("evaluating", progress="evaluating"):
+        device = select_device()
+        val = data.indexed["val"]
+        parent_threshold = threshold_for(parent, val, device=device, val_scores=start_scores)
+        judged = [name for name in ("test", REGRESSION) if data.sets.pairs[name]]
+        evaluations = compare_on(
+            ctx,
+            parent=parent.under_test(*parent_threshold),
+            candidate=candidate.under_test(training.threshold, "val"),
+            ids=(parent.id, candidate.id),
+            pair_sets={name: (data.sets.pairs[name], data.indexed[name]) for name in judged},
+            device=device,
+            bootstrap=bootstrap_config(ctx.settings),
+        )
 
-    ctx.progress(phase="gating", force=True)
-    test = evaluations.get("test")
-    regression = evaluations.get(REGRESSION)
-    evidence = judged_evidence(ctx, data.sets)
-    decision = gate.decide(
-        (test["parent"]["metrics"], test["candidate"]["metrics"]) if test else ({}, {}),
-        (regression["parent"]["metrics"], regression["candidate"]["metrics"]) if regression else None,
-        evidence=evidence,
-        intervals={
-            name: entry["intervals"] if entry else None
-            for name, entry in (("test", test), (REGRESSION, regression))
-        },
-        test_auc_tolerance=ctx.settings.gate_auc_tolerance,
-        regression_auc_tolerance=ctx.settings.regression_auc_tolerance,
-        best_epoch=training.best_epoch,
-    )
-    reindex_job_id = None
-    if not params.get("auto_promote", True):
-        decision.notes.append("auto_promote is off: activate the model by hand if wanted")
-    elif decision.passed:
-        try:
-            reindex_job_id = _promote(ctx, candidate, decision)
-            decision.promoted = True
-        except Problem as exc:
-            decision.notes.append(f"activation refused: {exc}")
+    with clock.phase("gating", progress="gating"):
+        decision, evidence, reindex_job_id = _judge(ctx, data.sets, evaluations, training, candidate)
+    test, regression = evaluations.get("test"), evaluations.get(REGRESSION)
     return {
         "model_id": str(candidate.id),
         "parent_id": str(parent.id),
@@ -361,4 +346,41 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "evidence_report": evidence,
         "gate": decision.to_dict(),
         "reindex_job_id": reindex_job_id,
+        "phases": clock.to_dict(),
     }
+
+
+def _judge(
+    ctx: JobContext,
+    sets: FeedbackSets,
+    evaluations: dict[str, dict[str, Any]],
+    training: Training,
+    candidate: LoadedModel,
+) -> tuple[gate.GateDecision, dict[str, Any], str | None]:
+    """The gate's decision on the evaluations, the evidence it had, and with `auto_promote` and a pass, the
+    activation (the id of the reindex job it queued)."""
+    test = evaluations.get("test")
+    regression = evaluations.get(REGRESSION)
+    evidence = judged_evidence(ctx, sets)
+    decision = gate.decide(
+        (test["parent"]["metrics"], test["candidate"]["metrics"]) if test else ({}, {}),
+        (regression["parent"]["metrics"], regression["candidate"]["metrics"]) if regression else None,
+        evidence=evidence,
+        intervals={
+            name: entry["intervals"] if entry else None
+            for name, entry in (("test", test), (REGRESSION, regression))
+        },
+        test_auc_tolerance=ctx.settings.gate_auc_tolerance,
+        regression_auc_tolerance=ctx.settings.regression_auc_tolerance,
+        best_epoch=training.best_epoch,
+    )
+    reindex_job_id = None
+    if not ctx.params.get("auto_promote", True):
+        decision.notes.append("auto_promote is off: activate the model by hand if wanted")
+    elif decision.passed:
+        try:
+            reindex_job_id = _promote(ctx, candidate, decision)
+            decision.promoted = True
+        except Problem as exc:
+            decision.notes.append(f"activation refused: {exc}")
+    return decision, evidence, reindex_job_id

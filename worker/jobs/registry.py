@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session
 from torch import nn
 
@@ -76,24 +77,28 @@ def load_model(settings: Settings, row: ModelVersion) -> LoadedModel:
 
 
 def threshold_for(
-    model: LoadedModel, val: IndexedPairs | None, *, device: Any = None
+    model: LoadedModel, val: IndexedPairs | None, *, device: Any = None, val_scores: np.ndarray | None = None
 ) -> tuple[float | None, str | None]:
     """(threshold, source): the model's stored threshold ("model"), else one calibrated on val ("val")."""
     if model.threshold is not None:
         return model.threshold, "model"
-    threshold = calibrated_threshold(model, val, device=device)
+    threshold = calibrated_threshold(model, val, device=device, val_scores=val_scores)
     return threshold, ("val" if threshold is not None else None)
 
 
-def calibrated_threshold(model: LoadedModel, val: IndexedPairs | None, *, device: Any = None) -> float | None:
+def calibrated_threshold(
+    model: LoadedModel, val: IndexedPairs | None, *, device: Any = None, val_scores: np.ndarray | None = None
+) -> float | None:
     """The best-accuracy threshold of the model on the val pairs, as a fine-tune calibrates its checkpoint's;
-    None when val lacks same or different pairs."""
+    None when val lacks same or different pairs. `val_scores`, the model's scores on those pairs when the
+    caller has them already (a fine-tune's epoch 0), saves embedding val again."""
     if val is None or len(val) == 0:
         return None
-    from worker.ml.evaluation import score_pairs
+    if val_scores is None:
+        from worker.ml.evaluation import score_pairs
 
-    scores = score_pairs(model.backbone, model.spec, val, device=device)
-    return calibrate_threshold(scores, val.labels.numpy())
+        val_scores = score_pairs(model.backbone, model.spec, val, device=device)
+    return calibrate_threshold(val_scores, val.labels.numpy())
 
 
 def record_evaluation(

@@ -112,6 +112,9 @@ class FinetuneResult:
     threshold: float | None
     history: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
+    # The starting weights' val scores (epoch 0), so a caller calibrating the parent on val need not embed
+    # val again; None without val or when resumed (an earlier attempt scored epoch 0).
+    start_scores: np.ndarray | None = None
 
     @property
     def train_losses(self) -> list[float]:
@@ -282,8 +285,10 @@ def _run(
         torch.set_rng_state(resume.rng)
         best, best_state, history = resume.best(), resume.best_state, list(resume.history)
         start, best_epoch, stale = resume.epoch + 1, resume.best_epoch, resume.stale
+        start_scores = None
     else:
         best = _validate(model, spec, val, config, device) if val is not None else None
+        start_scores = best.scores if best is not None else None
         history = [EpochRecord(0, None, best.loss, best.auc)] if best is not None else []
         best_state = _cpu_state(model) if val is not None else {}
         start, best_epoch, stale = 1, 0, 0
@@ -316,7 +321,9 @@ def _run(
         return FinetuneResult(final_state, final_state, best_epoch, None, history, stopped_early)
     model.load_state_dict(best_state)
     threshold = calibrate_threshold(best.scores, val.labels.numpy())
-    return FinetuneResult(best_state, final_state, best_epoch, threshold, history, stopped_early)
+    return FinetuneResult(
+        best_state, final_state, best_epoch, threshold, history, stopped_early, start_scores=start_scores
+    )
 
 
 def _state_after(

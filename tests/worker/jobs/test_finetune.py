@@ -2,6 +2,7 @@
 
 import itertools
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +256,63 @@ def test_a_finetune_retried_after_its_worker_died_while_evaluating_registers_its
         assert job.result["trained_by_earlier_attempt"] is True
         assert job.result["best_epoch"] in (0, 1) and len(job.result["history"]) == 2
         assert job.result["threshold"] == children[0].threshold
+
+
+def _digest(tensor: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_finetune_reports_its_phases_and_embeds_nothing_twice_with_the_same_weights(
+    settings: Settings,
+    store: BlobStore,
+    johns_dir: Path,
+    mobilefacenet_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every embedding pass outside the training steps is recorded as (weights, image): the parent's
+    embeddings (for distillation, epoch 0's validation, its threshold and the evaluation) must each be
+    computed once, not once per use."""
+    import worker.ml.evaluation
+    import worker.ml.training
+    from worker.ml.embedding import embed_pixels
+
+    passes: list[tuple[str, str]] = []
+
+    def counted(model: Any, spec: Any, pixels: Any, **kwargs: Any) -> Any:
+        weights = "".join(_digest(value) for value in model.state_dict().values())
+        passes.extend((weights, _digest(image)) for image in pixels)
+        return embed_pixels(model, spec, pixels, **kwargs)
+
+    monkeypatch.setattr(worker.ml.training, "embed_pixels", counted)
+    monkeypatch.setattr(worker.ml.evaluation, "embed_pixels", counted)
+    world = add_johns(settings, store, johns_dir, mobilefacenet_checkpoint)
+    with session_scope(settings.database_url) as session:
+        job = _finetune_job(session, world.base_id, epochs=2, patience=5, learning_rate=1e-3)
+        train_pairs = len(load_feedback(session).pairs["train"])
+
+    outcome = run_in_process(settings, job.id)
+
+    assert outcome.status == "succeeded", outcome.error
+    with session_scope(settings.database_url) as session:
+        result = get_job(session, job.id).result
+    assert result["best_epoch"] >= 1, "the candidate must differ from its parent for the count to mean much"
+    repeated = {key: n for key, n in Counter(passes).items() if n > 1}
+    assert passes
+    assert not repeated, f"{len(repeated)} (weights, image) embeddings were computed more than once"
+
+    phases = result["phases"]
+    assert set(phases) == {"loading", "training", "saving", "evaluating", "gating"}
+    assert all(phase["seconds"] >= 0 for phase in phases.values())
+    training = phases["training"]
+    assert training["epochs"] == result["epochs_run"] == 2
+    assert training["pairs"] == 2 * train_pairs > 0
+    assert training["seconds"] > 0
+    rate = training["pairs"] / training["seconds"]  # pairs_per_s is rounded to 0.01, seconds to 0.1 ms
+    assert training["pairs_per_s"] == pytest.approx(rate, rel=1e-3, abs=0.006)
+    with session_scope(settings.database_url) as session:
+        job_row = get_job(session, job.id)
+        wall = (job_row.finished_at - job_row.started_at).total_seconds()
+    assert sum(phase["seconds"] for phase in phases.values()) <= wall

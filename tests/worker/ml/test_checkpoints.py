@@ -406,3 +406,20 @@ def test_save_refuses_a_model_of_another_architecture(tmp_path: Path) -> None:
             tmp_path / "m.pth", build_backbone("iresnet18"), arch="iresnet34", epoch=0, metadata={}
         )
     assert os.listdir(tmp_path) == []
+
+
+def test_loading_a_checkpoint_in_a_fresh_process_does_not_import_torch_dynamo(
+    mobilefacenet_checkpoint: Path,
+) -> None:
+    """Every job runs in a fresh process: initialising a weightless (meta) build imported torch._dynamo,
+    seconds before the job could start, for weights the file replaces anyway."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from worker.ml.checkpoints import load_backbone; "
+        f"load_backbone({str(mobilefacenet_checkpoint)!r}, 'mobilefacenet'); "
+        "print('torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

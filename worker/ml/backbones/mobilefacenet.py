@@ -104,6 +104,8 @@ class MobileFaceNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        if next(self.parameters()).is_meta:  # to take a file's weights; init there imports torch._dynamo
+            return
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out")

@@ -305,7 +305,7 @@ def test_finetune_reports_its_phases_and_embeds_nothing_twice_with_the_same_weig
 
     phases = result["phases"]
     assert set(phases) == {"loading", "training", "saving", "evaluating", "gating"}
-    assert all(phase["seconds"] >= 0 for phase in phases.values())
+    assert all(phase["seconds"] >= 0 and phase["cpu_seconds"] >= 0 for phase in phases.values())
     training = phases["training"]
     assert training["epochs"] == result["epochs_run"] == 2
     assert training["pairs"] == 2 * train_pairs > 0

@@ -42,9 +42,9 @@ from processes import (
     libpq_url,
     load_averages,
     magtune,
-    migrated_env,
     print_report,
     server,
+    service_env,
     uptime,
     wait_job,
     worker,
@@ -238,15 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bare = bare_forward(args.bare_seconds)
     print("encoding faces...", file=sys.stderr)
     faces = variants(face_files(), int(args.rate * args.seconds))
-    suffix = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory(prefix="magtune-bench-") as tmp, fresh_database() as database_url:
-        env = migrated_env(
-            database_url,
-            tmp,
-            MAGTUNE_QUEUE_NAME=f"gpu-bench-{suffix}",
-            MAGTUNE_EMBED_QUEUE_NAME=f"embed-bench-{suffix}",
-            PYTHONUNBUFFERED="1",
-        )
+        env = service_env(database_url, tmp)
         port = free_port()
         api = magtune("serve", "--host", "127.0.0.1", "--port", str(port))
         embed_queue = env["MAGTUNE_EMBED_QUEUE_NAME"]

@@ -75,6 +75,20 @@ def migrated_env(database_url: str, tmp: str | Path, **settings: str) -> dict[st
     return env
 
 
+def service_env(database_url: str, tmp: str | Path, **settings: str) -> dict[str, str]:
+    """`migrated_env` with queues of this run's own, so that workers of other runs on the same Redis never
+    take its jobs, and unbuffered output for the logs."""
+    suffix = uuid.uuid4().hex[:8]
+    return migrated_env(
+        database_url,
+        tmp,
+        MAGTUNE_QUEUE_NAME=f"gpu-bench-{suffix}",
+        MAGTUNE_EMBED_QUEUE_NAME=f"embed-bench-{suffix}",
+        PYTHONUNBUFFERED="1",
+        **settings,
+    )
+
+
 @contextmanager
 def process(
     command: list[str],

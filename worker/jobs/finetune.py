@@ -14,6 +14,8 @@ The steps, each visible in the job's progress phase:
 4. evaluating: parent and candidate on the same test pairs and, when there is one, the regression set.
 5. gating: worker.jobs.gate; with `auto_promote` and a pass, the candidate is activated (which queues a
    reindex of every face with it).
+
+Each step's wall and CPU seconds go into the result's `phases` (worker.jobs.phases).
 """
 
 from __future__ import annotations

@@ -79,7 +79,12 @@ def face_states(
 
 def labelled_shares(session: Session, fractions: Mapping[str, float]) -> Shares:
     """How many faces with labels each split holds: the maintained tally (app/tallies.py), a few rows
-    whatever the number of pairs. Read it under the placement lock, which all its writers hold."""
+    whatever the number of pairs. Read it under the placement lock, which all its writers hold.
+
+    A pair of two labelled faces is recorded without the lock, so one that races the retraction of a face's
+    last pair can leave that face uncounted until `tallies.recount_labelled_faces`. The tally only caps
+    where newcomers go, with a margin, so such a drift shifts the cap by a face.
+    """
     return Shares(tallies.by_split(session, tallies.LABELLED_FACES), fractions)
 
 

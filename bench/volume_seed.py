@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -86,8 +87,6 @@ def pair_rows(faces: list[tuple[Any, ...]], count: int, start: datetime) -> list
 
 def seed(database_url: str, blob_root: Path, *, faces: int, pairs: int) -> dict[str, float]:
     """Faces and pairs written and analysed; the seconds each step took."""
-    import time
-
     import psycopg
     from processes import libpq_url
 

@@ -134,10 +134,14 @@ def operations(connection: Connection) -> dict[str, Callable[[Session], Any]]:
     first = PageParams(limit=50, cursor=None, key=KEY)
     deep_feedback = PageParams(limit=50, cursor=deep_cursor(connection, FeedbackPair), key=KEY)
     deep_faces = PageParams(limit=50, cursor=deep_cursor(connection, Face), key=KEY)
-    labelled_a, _ = connection.execute(select(FeedbackPair.face_a, FeedbackPair.face_b).limit(1)).one()
-    other = connection.execute(
-        select(FeedbackPair.face_b).where(FeedbackPair.face_a != labelled_a).limit(1)
-    ).one()
+    stored = {tuple(pair) for pair in connection.execute(select(FeedbackPair.face_a, FeedbackPair.face_b))}
+    labelled_a = min(face for pair in stored for face in pair)
+    other = next(
+        face
+        for pair in sorted(stored)
+        for face in pair
+        if face != labelled_a and (labelled_a, face) not in stored and (face, labelled_a) not in stored
+    )
     newcomer = face_row(split="test")
 
     def first_label(session: Session) -> None:
@@ -145,8 +149,8 @@ def operations(connection: Connection) -> dict[str, Callable[[Session], Any]]:
         session.flush()
         record_feedback(session=session, item=FeedbackIn(face_a=newcomer.id, face_b=labelled_a, label=1))
 
-    def both_labelled(session: Session) -> None:
-        record_feedback(session=session, item=FeedbackIn(face_a=labelled_a, face_b=other[0], label=0))
+    def both_labelled(session: Session) -> None:  # a new pair of two faces that have pairs
+        record_feedback(session=session, item=FeedbackIn(face_a=labelled_a, face_b=other, label=0))
 
     return {
         "metrics": lambda session: dashboard(session=session),

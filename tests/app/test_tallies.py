@@ -4,13 +4,14 @@ and on SQLite: batches, single posts, moves, retractions, a key's retraction, a 
 import uuid
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app import tallies
 from app.blobs import BlobStore
 from app.config import Settings
-from app.db import session_scope
+from app.db import get_engine, session_scope
 from app.faces.service import delete_face
 from app.feedback.schemas import FeedbackIn
 from app.feedback.service import (
@@ -19,9 +20,11 @@ from app.feedback.service import (
     record_feedback_batch,
     retract_feedback_of_key,
 )
+from app.migrate import upgrade_database
 from app.tables import Face, FeedbackPair
 from tests.app.factories import face_row
 
+BEFORE_TALLIES = "2026_12_07_0010"
 KINDS = (tallies.FEEDBACK, tallies.FACES, tallies.LABELLED_FACES)
 
 
@@ -101,3 +104,24 @@ def test_tallies_follow_every_change(any_settings: Settings, tmp_path: Path) -> 
     with session_scope(url) as session:  # pairs deleted by hand: only the api keeps `labelled_faces`
         tallies.recount_labelled_faces(session)
     assert_tallies_match(any_settings)
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_the_migration_counts_the_rows_already_there(
+    dialect: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    sqlite_url = f"sqlite:///{tmp_path / 'magtune.db'}"
+    url = request.getfixturevalue("postgres_database") if dialect == "postgresql" else sqlite_url
+    upgrade_database(url, BEFORE_TALLIES)
+    settings = Settings(database_url=url, data_dir=tmp_path / "data")
+    a, b, c, d = add_faces(settings, ["train", "train", "val", "test"])
+    with session_scope(url) as session:
+        session.add_all(
+            [
+                FeedbackPair(face_a=min(a, b), face_b=max(a, b), label=1, split="train"),
+                FeedbackPair(face_a=min(c, d), face_b=max(c, d), label=0, split="cross"),
+            ]
+        )
+    upgrade_database(url)
+    assert_tallies_match(settings)
+    get_engine(url).dispose()

@@ -94,11 +94,16 @@ def decode_cursor(key: bytes, resource: str, cursor: str) -> tuple[datetime, uui
 
 
 def paginate(statement: Select[Any], model: Any, params: PageParams) -> Select[Any]:
-    """Newest first; the cursor is the last row's (created_at, id) of the previous page."""
+    """Newest first; the cursor is the last row's (created_at, id) of the previous page.
+
+    The redundant `created_at <= cursor` is what bounds the (created_at, id) index scan: the OR alone is a
+    filter, which makes a deep page read every newer row first.
+    """
     if params.cursor:
         created_at, row_id = decode_cursor(params.key, model.__tablename__, params.cursor)
         statement = statement.where(
-            or_(model.created_at < created_at, and_(model.created_at == created_at, model.id < row_id))
+            model.created_at <= created_at,
+            or_(model.created_at < created_at, and_(model.created_at == created_at, model.id < row_id)),
         )
     return statement.order_by(model.created_at.desc(), model.id.desc()).limit(params.limit + 1)
 

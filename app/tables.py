@@ -136,6 +136,24 @@ class FeedbackPair(Base):
     )
 
 
+class Tally(Base):
+    """A maintained count, so dashboards and first labels never count a whole table.
+
+    `kind` is `feedback` (per split and label), `faces` (per split; label -1) or `labelled_faces` (faces some
+    pair names, per split; label -1). The database's triggers keep the first two (migration 0011); the api
+    keeps `labelled_faces` under the placement lock (app/feedback/placement.py). A count is the sum over
+    shards: concurrent writers on PostgreSQL add to different rows.
+    """
+
+    __tablename__ = "tallies"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    split: Mapped[str] = mapped_column(String(16), primary_key=True)
+    label: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
 class IdempotencyRecord(Base):
     """The stored answer to a request sent with an `Idempotency-Key`, replayed when the key comes again."""
 

@@ -111,10 +111,10 @@ def create_bare_app() -> Any:
 # Data.
 
 
-def api_key(env: dict[str, str]) -> str:
-    """A key for the feedback and face posts, made as an operator makes one."""
+def api_key(env: dict[str, str], scopes: str = "faces:write,feedback:write") -> str:
+    """A key for the feedback and face posts (or `scopes`), made as an operator makes one."""
     created = subprocess.run(
-        magtune("keys", "create", "--name", "bench", "--scopes", "faces:write,feedback:write", "--json"),
+        magtune("keys", "create", "--name", "bench", "--scopes", scopes, "--json"),
         env=env,
         check=True,
         capture_output=True,

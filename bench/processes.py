@@ -33,11 +33,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def fresh_database() -> Iterator[str]:
-    """A new PostgreSQL database (dropped at the end); its SQLAlchemy URL."""
+def fresh_database(prefix: str = "magtune_bench_") -> Iterator[str]:
+    """A new PostgreSQL database named `prefix` + a random suffix (dropped at the end); its SQLAlchemy URL."""
     import psycopg
 
-    name = f"magtune_bench_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}{uuid.uuid4().hex[:10]}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)

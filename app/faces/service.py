@@ -15,6 +15,7 @@ from app.embeddings import embedding_qualities, serving_model_id
 from app.erasures import finish_erasure, record_erasure
 from app.faces.images import DecodeLimits, inspect_image
 from app.faces.schemas import FaceOut
+from app.feedback import placement
 from app.models.serving import request_embedding
 from app.pagination import PageParams, fetch_page
 from app.problems import Problem, not_found
@@ -145,8 +146,12 @@ def delete_face(*, session: Session, store: BlobStore, face_id: uuid.UUID) -> bo
     False when the blob store refused: the erasure is then pending and the sweeper finishes it.
     """
     face = get_face(session=session, face_id=face_id)
-    sha = face.sha256
+    sha, split = face.sha256, face.split
+    placement.lock_placement(session)
+    partners = placement.partners(session, face_id)
     session.delete(face)
+    session.flush()
+    placement.forget_labels(session, partners, deleted_split=split if partners else None)
     record_erasure(session, NAMESPACE, sha)
     session.commit()
     return finish_erasure(session, store, NAMESPACE, sha)

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, text, union, update
+from sqlalchemy import exists, func, select, text, union, update
 from sqlalchemy.orm import Session
 
+from app import tallies
 from app.tables import Face, FeedbackPair
 
 # A split takes a newcomer while its labelled faces stay within fraction * total + this margin.
@@ -76,12 +78,50 @@ def face_states(
 
 
 def labelled_shares(session: Session, fractions: Mapping[str, float]) -> Shares:
-    """How many faces with labels each split holds (one grouped query over faces that pairs name)."""
-    named = union(select(FeedbackPair.face_a), select(FeedbackPair.face_b)).subquery()
-    rows = session.execute(
-        select(Face.split, func.count()).where(Face.id.in_(select(named.c[0]))).group_by(Face.split)
-    ).all()
-    return Shares({str(split): int(n) for split, n in rows}, fractions)
+    """How many faces with labels each split holds: the maintained tally (app/tallies.py), a few rows
+    whatever the number of pairs. Read it under the placement lock, which all its writers hold.
+
+    A pair of two labelled faces is recorded without the lock, so one that races the retraction of a face's
+    last pair can leave that face uncounted until `tallies.recount_labelled_faces`. The tally only caps
+    where newcomers go, with a margin, so such a drift shifts the cap by a face.
+    """
+    return Shares(tallies.by_split(session, tallies.LABELLED_FACES), fractions)
+
+
+def count_first_labels(session: Session, faces: Iterable[int], splits: Mapping[int, str]) -> None:
+    """Add faces that have just got their first label to their splits' tally (under the placement lock)."""
+    tallies.add_by_split(session, tallies.LABELLED_FACES, Counter(splits[face] for face in faces))
+
+
+def partners(session: Session, face_id: uuid.UUID) -> set[uuid.UUID]:
+    """The faces some stored pair names together with `face_id`; none when it has no label."""
+    named = union(
+        select(FeedbackPair.face_b).where(FeedbackPair.face_a == face_id),
+        select(FeedbackPair.face_a).where(FeedbackPair.face_b == face_id),
+    )
+    return set(session.scalars(named))
+
+
+def forget_labels(
+    session: Session, face_ids: Iterable[uuid.UUID], *, deleted_split: str | None = None, chunk: int = 5000
+) -> None:
+    """After pairs were deleted (under the placement lock): take the faces no pair names any more out of
+    their splits' tally, and a labelled face deleted along with its pairs out of `deleted_split`'s."""
+    ids = sorted(set(face_ids))
+    deltas: Counter[str] = Counter()
+    if deleted_split is not None:
+        deltas[deleted_split] -= 1
+    for start in range(0, len(ids), chunk):
+        named_a = exists().where(FeedbackPair.face_a == Face.id)
+        named_b = exists().where(FeedbackPair.face_b == Face.id)
+        rows = session.execute(
+            select(Face.split, func.count())
+            .where(Face.id.in_(ids[start : start + chunk]), ~named_a, ~named_b)
+            .group_by(Face.split)
+        )
+        for split, n in rows:
+            deltas[split] -= n
+    tallies.add_by_split(session, tallies.LABELLED_FACES, deltas)
 
 
 def lock_placement(session: Session) -> None:

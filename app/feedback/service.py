@@ -200,11 +200,13 @@ def ingest_feedback(
     named = {face for _, item in valid for face in (item.face_a, item.face_b)}
     splits, labelled = placement.face_states(session, named)
     shares = placement.Shares({}, fractions)
-    if any(face.int in splits and face.int not in labelled for face in named):
+    first_labels = any(face.int in splits and face.int not in labelled for face in named)
+    if first_labels:
         # A first label may move a face: decide on what is committed once no one else can move it.
         placement.lock_placement(session)
         splits, labelled = placement.face_states(session, named)
         shares = placement.labelled_shares(session, fractions)
+    labelled_before = set(labelled)
 
     now = now or utcnow()
     new_rows: dict[_PairKey, dict[str, Any]] = {}
@@ -255,6 +257,9 @@ def ingest_feedback(
         for key, row in new_rows.items()
         if row["id"].int in inserted
     }
+    if first_labels:
+        named_now = {face for key in stored for face in key}
+        placement.count_first_labels(session, named_now - labelled_before, splits)
     stored.update(_existing_pairs(session, [row for key, row in new_rows.items() if key not in stored]))
 
     claimed: set[int] = set()
@@ -292,17 +297,25 @@ def list_feedback(
 
 def retract_feedback_of_key(*, session: Session, api_key_id: str) -> int:
     """Delete every pair the key posted (committed); how many. Idempotent: a second call deletes none."""
+    placement.lock_placement(session)
     deleted = session.execute(
         delete(FeedbackPair)
         .where(FeedbackPair.api_key_id == api_key_id)
+        .returning(FeedbackPair.face_a, FeedbackPair.face_b)
         .execution_options(synchronize_session=False)
-    )
+    ).all()
+    placement.forget_labels(session, {face for pair in deleted for face in pair})
     session.commit()
-    return int(deleted.rowcount or 0)
+    return len(deleted)
 
 
 def delete_feedback(*, session: Session, feedback_id: uuid.UUID) -> None:
-    session.delete(get_feedback(session=session, feedback_id=feedback_id))
+    placement.lock_placement(session)
+    pair = get_feedback(session=session, feedback_id=feedback_id)
+    faces = (pair.face_a, pair.face_b)
+    session.delete(pair)
+    session.flush()
+    placement.forget_labels(session, faces)
     session.commit()
 
 

@@ -1,4 +1,5 @@
-"""Dashboard figures, counted by the database (GROUP BY) rather than by loading rows."""
+"""Dashboard figures: face and pair counts from the maintained tallies (app/tallies.py), the rest counted by
+the database (GROUP BY) rather than by loading rows."""
 
 import uuid
 from collections.abc import Iterable
@@ -8,6 +9,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app import tallies
 from app.domain import EvaluationSplit, FeedbackSplit, JobKind, JobStatus
 from app.metrics.schemas import (
     ActiveModelSummary,
@@ -25,7 +27,7 @@ from app.models import service as models_service
 from app.models.schemas import EvaluationOut
 from app.models.serving import missing_faces, serving_activation
 from app.splits import SPLIT_NAMES
-from app.tables import Activation, Evaluation, Face, FaceEmbedding, FeedbackPair, Job, ModelVersion
+from app.tables import Activation, Evaluation, FaceEmbedding, Job, ModelVersion
 
 # Every split a pair may have, `cross` (the wasted labels) included, so a dashboard shows a zero as a zero.
 FEEDBACK_SPLITS: tuple[str, ...] = tuple(split.value for split in FeedbackSplit)
@@ -38,11 +40,7 @@ def _zeros(keys: Iterable[str]) -> dict[str, int]:
 
 
 def feedback_counts(session: Session) -> FeedbackCounts:
-    rows = session.execute(
-        select(FeedbackPair.split, FeedbackPair.label, func.count()).group_by(
-            FeedbackPair.split, FeedbackPair.label
-        )
-    ).all()
+    rows = [(split, label, n) for (split, label), n in tallies.counts(session, tallies.FEEDBACK).items()]
     by_label = _zeros(LABELS)
     by_split = _zeros(FEEDBACK_SPLITS)
     by_split_label = {split: _zeros(LABELS) for split in FEEDBACK_SPLITS}
@@ -64,7 +62,7 @@ def face_counts(
     session: Session, active_model_id: uuid.UUID | None, serving_model_id: uuid.UUID | None = None
 ) -> FaceCounts:
     by_split = _zeros(SPLIT_NAMES)
-    for split, count in session.execute(select(Face.split, func.count()).group_by(Face.split)):
+    for split, count in tallies.by_split(session, tallies.FACES).items():
         by_split[split] = by_split.get(split, 0) + count
     counts = FaceCounts(total=sum(by_split.values()), by_split=by_split, embedded_by_active_model=None)
     if active_model_id is not None:

@@ -1,6 +1,7 @@
 """Api fixtures: TestClients over the shared `settings` (the real PostgreSQL and an isolated Redis queue)."""
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -8,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
+from app.migrate import upgrade_database
 from tests.keys import bearer, issue_test_key
 
 # Shared assertion helpers get pytest's detailed failure messages, as test modules do.
@@ -49,3 +51,13 @@ def client_with(settings: Settings, all_scopes_key: str) -> Iterator[Callable[..
     yield make
     for test_client in clients:
         test_client.__exit__(None, None, None)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_settings(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Settings:
+    """The shared settings on PostgreSQL, or the same on a migrated SQLite file of this test's own."""
+    if request.param == "postgresql":
+        return settings
+    url = f"sqlite:///{tmp_path / 'magtune.db'}"
+    upgrade_database(url)
+    return settings.model_copy(update={"database_url": url})

@@ -2,9 +2,7 @@
 on SQLite, over a bounded window read through the created_at index."""
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlalchemy.orm import Session
@@ -12,22 +10,12 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import get_engine, session_scope
 from app.metrics.series import MAX_BUCKETS, Bucket, feedback_series
-from app.migrate import upgrade_database
 from app.tables import FeedbackPair
 from tests.app.factories import face_row
 from tests.app.problems import assert_problem
 
 END = datetime(2026, 12, 7, 13, 30, tzinfo=UTC)
 TODAY = datetime(2026, 12, 7, tzinfo=UTC)
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def any_settings(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Settings:
-    if request.param == "postgresql":
-        return settings
-    url = f"sqlite:///{tmp_path / 'series.db'}"
-    upgrade_database(url)
-    return settings.model_copy(update={"database_url": url})
 
 
 def insert_feedback(settings: Settings, pairs: list[tuple[datetime, str, int]]) -> None:

@@ -3,15 +3,12 @@
 import re
 import threading
 import uuid
-from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine, event, func, select
 
 from app.config import Settings
 from app.db import session_scope
 from app.domain import JobKind, JobStatus
-from app.migrate import upgrade_database
 from app.models.serving import (
     embed_job_key,
     mark_embedded_if_complete,
@@ -23,15 +20,6 @@ from app.models.serving import (
 from app.tables import Activation, FaceEmbedding, Job
 from tests.app.factories import activate_directly, insert_face, insert_model
 from tests.queues import QueueProbe
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def any_settings(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Settings:
-    if request.param == "postgresql":
-        return settings
-    url = f"sqlite:///{tmp_path / 'serving.db'}"
-    upgrade_database(url)
-    return settings.model_copy(update={"database_url": url})
 
 
 def _embed(settings: Settings, model_id: uuid.UUID, face_ids: list[uuid.UUID]) -> None:

@@ -35,6 +35,16 @@ SHARED_DIR = Path(os.environ.get("MAGTUNE_SHARED_DIR", REPO_ROOT.parent / "share
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding a slow test first, the in-process fine-tunes (tests/worker, the longest files) before
+    the end-to-end ones, each file's tests in their own order. xdist gives out whole files in this order, so
+    the long ones start early and the many short tests fill the gaps around them, instead of a long file
+    starting last and running alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    worker_tests = REPO_ROOT / "tests" / "worker"
+    items.sort(key=lambda item: (item.path not in slow_files, not item.path.is_relative_to(worker_tests)))
+
+
 def require(condition: bool, reason: str) -> None:
     """Skip locally when a prerequisite is missing, but fail under CI, where it must be there."""
     if condition:

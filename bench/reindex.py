@@ -15,6 +15,7 @@ two workers can use two cores.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -165,6 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_id, faces = seed(settings, args.faces)
         print("bare forward", file=sys.stderr)
         bare = bare_forward(settings, faces, args.seconds)
+        print(f"bare forward: {json.dumps(bare)}", file=sys.stderr)  # kept if a long run is stopped later
         report: dict[str, Any] = {
             "faces": args.faces,
             "chunk_size": args.chunk_size,
@@ -179,6 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 print(f"reindex with {count} worker(s)", file=sys.stderr)
                 report[f"workers_{count}"] = reindex(settings, model_id, args.timeout)
+                print(f"{count} worker(s): {json.dumps(report[f'workers_{count}'])}", file=sys.stderr)
         one = report["workers_1"]["faces_per_s"] or 0.0
         two = report["workers_2"]["faces_per_s"] or 0.0
         report["ratio_one_worker_to_bare"] = round(one / bare["faces_per_s"], 3)

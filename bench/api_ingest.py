@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from typing import Any
 
 from concurrent_clients import drive
 from processes import (
+    api_key,
     free_port,
     fresh_database,
     libpq_url,
@@ -109,18 +108,6 @@ def create_bare_app() -> Any:
 
 
 # Data.
-
-
-def api_key(env: dict[str, str], scopes: str = "faces:write,feedback:write") -> str:
-    """A key for the feedback and face posts (or `scopes`), made as an operator makes one."""
-    created = subprocess.run(
-        magtune("keys", "create", "--name", "bench", "--scopes", scopes, "--json"),
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return str(json.loads(created.stdout)["key"])
 
 
 def random_png(rng: random.Random) -> bytes:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import signal
 import subprocess
@@ -36,6 +35,7 @@ from typing import Any
 from embed_on_arrival import CHECKPOINT, SHARED_DIR, load
 from processes import (
     REDIS_URL,
+    api_key,
     free_port,
     fresh_database,
     magtune,
@@ -51,17 +51,6 @@ TARGET_RATIO = 0.8
 PAIRS_FILE = SHARED_DIR / "data" / "faces" / "johns" / "pairs.json"
 SCOPES = "faces:write,feedback:write,jobs:read,jobs:write,models:read,models:write"
 JOB_TIMEOUT_S = 1800
-
-
-def bench_key(env: dict[str, str]) -> str:
-    created = subprocess.run(
-        magtune("keys", "create", "--name", "finetune bench", "--scopes", SCOPES, "--json"),
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return str(json.loads(created.stdout)["key"])
 
 
 def register_model(client: Any) -> str:
@@ -142,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="magtune-bench-") as tmp, fresh_database() as database_url:
         env = service_env(database_url, tmp, OMP_NUM_THREADS=str(args.threads))
         settings = Settings(database_url=database_url, broker_url=REDIS_URL, data_dir=Path(tmp) / "data")
-        key = bench_key(env)
+        key = api_key(env, SCOPES, name="finetune bench")
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         api = magtune("serve", "--host", "127.0.0.1", "--port", str(port))

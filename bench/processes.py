@@ -75,6 +75,18 @@ def migrated_env(database_url: str, tmp: str | Path, **settings: str) -> dict[st
     return env
 
 
+def api_key(env: dict[str, str], scopes: str = "faces:write,feedback:write", *, name: str = "bench") -> str:
+    """A key for the feedback and face posts (or `scopes`), made as an operator makes one."""
+    created = subprocess.run(
+        magtune("keys", "create", "--name", name, "--scopes", scopes, "--json"),
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return str(json.loads(created.stdout)["key"])
+
+
 def service_env(database_url: str, tmp: str | Path, **settings: str) -> dict[str, str]:
     """`migrated_env` with queues of this run's own, so that workers of other runs on the same Redis never
     take its jobs, and unbuffered output for the logs."""

@@ -36,8 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from api_ingest import api_key, post_single, random_png, summary, timed, upload_faces
+from api_ingest import post_single, random_png, summary, timed, upload_faces
 from processes import (
+    api_key,
     free_port,
     fresh_database,
     libpq_url,

@@ -13,7 +13,8 @@ upload) a staged file for as long as the client likes. A JSON body must arrive w
 chunks. Either is answered 408 `body-timeout` and the connection closed.
 """
 
-import anyio
+import asyncio
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
@@ -76,7 +77,7 @@ class BodyLimitMiddleware:
             declared = _content_length(scope)
             if declared is not None and declared > limit:
                 raise _TooLarge
-            with anyio.fail_after(timeout):
+            async with asyncio.timeout(timeout):  # a timer handle: far cheaper than an anyio cancel scope
                 body, more = await _read_up_to(receive, limit)
         except _TooLarge:
             await problem_response(_too_large(limit))(scope, receive, send)
@@ -124,7 +125,7 @@ def _paced(receive: Receive, timeout: float) -> Receive:
         if complete:
             return await receive()
         try:
-            with anyio.fail_after(timeout):
+            async with asyncio.timeout(timeout):
                 message = await receive()
         except TimeoutError:
             raise _body_timeout(timeout) from None

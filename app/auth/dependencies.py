@@ -8,23 +8,28 @@ Every route declares exactly one of:
 `route_access(route)` reads the declaration back; the app-wide `guard_undeclared` dependency makes a route
 that declares neither need `admin`, so a forgotten declaration is a closed door (and
 tests/app/test_auth_matrix.py fails on it). The OpenAPI document shows the bearer scheme and, per
-operation, the scope (its security requirement's scope list, and `x-required-scope`).
+operation, the scope (its security requirement's scope list, and `x-required-scope`: app.auth.openapi).
+
+Each of these dependencies takes the request alone. FastAPI solves a dependency's own dependencies again
+wherever it appears, cache or not, so a check that asked for the session and the settings cost every request
+a dozen dependency nodes; it opens a session of its own only when it must read the database (a key this
+process has not verified yet, or a last-used time due).
 """
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.params import Depends as DependsParam
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from fastapi.security import HTTPBearer
 
 from app.auth.key_cache import KeyCache
 from app.auth.keys import Caller, LastUsed, remembered_caller, touch_last_used, unauthenticated, verify_key
 from app.auth.limits import WriteLimiter
 from app.auth.scopes import Scope
-from app.deps import SessionDep, SettingsDep
+from app.config import Settings
+from app.db import get_session_factory
 from app.problems import Problem
 
 BEARER_SCHEME = "apiKey"
@@ -33,6 +38,7 @@ WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # static files (the docs pages themselves are APIRoutes declared with open_route()).
 OPEN_PATHS = frozenset({"/openapi.json", "/docs-assets"})
 
+# The scheme as the OpenAPI document shows it (app.auth.openapi); the header itself is read by _bearer_token.
 bearer = HTTPBearer(
     auto_error=False,
     scheme_name=BEARER_SCHEME,
@@ -40,7 +46,6 @@ bearer = HTTPBearer(
     description="An API key: `Authorization: Bearer mt_<id>_<secret>`. Each operation names the scope it "
     "needs.",
 )
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 OPEN = "open"
 ANY_KEY = "any-key"
 
@@ -55,11 +60,25 @@ def _bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-async def authenticate(request: Request, session: Session) -> Caller:
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _verify(database_url: str, token: str, last_used: LastUsed, cache: KeyCache) -> Caller:
+    with get_session_factory(database_url)() as session:
+        return verify_key(session, token, last_used, cache)
+
+
+def _touch(database_url: str, key_id: str) -> None:
+    with get_session_factory(database_url)() as session:
+        touch_last_used(session, key_id)
+
+
+async def authenticate(request: Request) -> Caller:
     """The caller of the request's key (checked once per request): else 401.
 
     A key this process verified and no change has touched since is answered from memory, on the event loop;
-    anything else is read from the database in the thread pool.
+    anything else is read from the database in the thread pool, in a session of its own.
     """
     caller: Caller | None = getattr(request.state, "caller", None)
     if caller is None:
@@ -67,23 +86,23 @@ async def authenticate(request: Request, session: Session) -> Caller:
         if token is None:
             raise unauthenticated("no key: send Authorization: Bearer <key>")
         last_used, _limiter, cache = _auth_state(request)
+        database_url = _settings(request).database_url
         caller = remembered_caller(cache, token)
         if caller is None:
-            caller = await run_in_threadpool(verify_key, session, token, last_used, cache)
+            caller = await run_in_threadpool(_verify, database_url, token, last_used, cache)
         elif last_used.due(caller.key_id):
-            await run_in_threadpool(touch_last_used, session, caller.key_id)
+            await run_in_threadpool(_touch, database_url, caller.key_id)
         request.state.caller = caller
     return caller
 
 
-async def authorize(
-    request: Request, session: SessionDep, settings: SettingsDep, scope: Scope
-) -> Caller | None:
+async def authorize(request: Request, scope: Scope) -> Caller | None:
     """The caller, when its key is valid and holds `scope`: else 401, 403 or (a write over its rate) 429."""
+    settings = _settings(request)
     if settings.auth_disabled:
         request.state.caller = None
         return None
-    cached = await authenticate(request, session)
+    cached = await authenticate(request)
     if scope not in cached.scopes:
         raise Problem(
             403,
@@ -113,33 +132,28 @@ class ScopeRequirement:
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
 
-    async def __call__(
-        self, request: Request, session: SessionDep, settings: SettingsDep, _credentials: Credentials
-    ) -> Caller | None:
-        # `_credentials` only puts the bearer scheme, with this scope, into the OpenAPI document.
-        return await authorize(request, session, settings, self.scope)
+    async def __call__(self, request: Request) -> Caller | None:
+        return await authorize(request, self.scope)
 
 
 def requires(scope: Scope) -> Any:
     """Declare on a route: `dependencies=[requires(Scope.FACES_READ)]`."""
-    return Security(ScopeRequirement(scope), scopes=[scope.value])
+    return Depends(ScopeRequirement(scope))
 
 
 class AnyKeyRequirement:
     """The dependency behind `any_key()`: a valid key, whatever its scopes (None with auth disabled)."""
 
-    async def __call__(
-        self, request: Request, session: SessionDep, settings: SettingsDep, _credentials: Credentials
-    ) -> Caller | None:
-        if settings.auth_disabled:
+    async def __call__(self, request: Request) -> Caller | None:
+        if _settings(request).auth_disabled:
             request.state.caller = None
             return None
-        return await authenticate(request, session)
+        return await authenticate(request)
 
 
 def any_key() -> Any:
     """Declare on a route that any valid key may call: `dependencies=[any_key()]`."""
-    return Security(AnyKeyRequirement(), scopes=[])
+    return Depends(AnyKeyRequirement())
 
 
 def _open() -> None:
@@ -167,11 +181,11 @@ def route_access(route: Any) -> list[Scope | str]:
     return found
 
 
-async def guard_undeclared(request: Request, session: SessionDep, settings: SettingsDep) -> None:
+async def guard_undeclared(request: Request) -> None:
     """App-wide: a route that declares no access at all needs `admin` instead of being open."""
     route = request.scope.get("route")
     if isinstance(route, APIRoute) and not route_access(route):
-        await authorize(request, session, settings, Scope.ADMIN)
+        await authorize(request, Scope.ADMIN)
 
 
 async def current_caller(request: Request) -> Caller | None:

@@ -20,11 +20,14 @@ async def get_settings_dep(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """A session per request, opened without a thread hop (it connects lazily, on first use, in the
     endpoint's thread). Closing it talks to the database only when a transaction is still open (a read, or
-    a failed write): that ROLLBACK runs in the thread pool, so a slow database never blocks the event loop."""
-    session = get_session_factory(settings.database_url)()
+    a failed write): that ROLLBACK runs in the thread pool, so a slow database never blocks the event loop.
+
+    It takes the request, not SettingsDep: FastAPI solves a dependency's own dependencies wherever it is used,
+    so every dependency avoided here is one less per route that asks for a session."""
+    session = get_session_factory(request.app.state.settings.database_url)()
     try:
         yield session
     finally:

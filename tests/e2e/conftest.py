@@ -85,10 +85,15 @@ def service_settings(
         "MAGTUNE_DATA_DIR": str(tmp_path / "data"),
         **timing_settings,
     }
+    return migrated(settings, tmp_path)
+
+
+def migrated(settings: dict[str, str], workdir: Path) -> dict[str, str]:
+    """`settings`, once `magtune migrate` has brought their database to the latest schema."""
     migrate = subprocess.run(
         magtune_command("migrate"),
         env=service_environment(settings),
-        cwd=tmp_path,
+        cwd=workdir,
         capture_output=True,
         text=True,
         timeout=180,

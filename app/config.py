@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     # A body that stops arriving (a client that stalls, or one sending slowly on purpose) is cut off with
     # 408 body-timeout: a JSON body must arrive whole within this, an upload may pause this long at most.
     body_timeout_s: float = Field(default=30.0, gt=0)
+    # Threads per api process for the synchronous endpoints (anyio's default is 40). Their work is Python
+    # that holds the GIL between short database waits, so more threads than that keeps busy only queue on
+    # the GIL, each request behind every other in flight. Two api processes on 2 cores, single feedback
+    # posts, requests/s with 8 / 16 / 40 threads: 280 / 246 / 214 at 16 clients, 187 / 222 / 158 at 64
+    # (bench/api_ingest.py's clients, one run each). 16 keeps room for slower requests; the rest wait
+    # on the event loop.
+    api_threads: int = Field(default=16, ge=1, le=1000)
 
     # splits of faces into train/val/test, from each face's content hash
     split_fractions: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS))

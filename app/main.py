@@ -3,6 +3,7 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         stop_sweeper = start_background_sweeper(settings) if run_sweeper else None
         key_listener = start_key_listener(settings, app.state.key_cache)
         try:

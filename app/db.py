@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -28,6 +29,13 @@ def get_engine(database_url: str) -> Engine:
         event.listen(engine, "connect", _enable_sqlite_foreign_keys)
         return engine
     return create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def dialect_insert(session: Session, table: Any) -> Any:
+    """An INSERT that can say ON CONFLICT (DO NOTHING, DO UPDATE): PostgreSQL's or SQLite's, whichever the
+    session is bound to; SQLAlchemy's generic insert has no ON CONFLICT."""
+    module = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return module.insert(table)
 
 
 @lru_cache

@@ -7,9 +7,9 @@ adds to `labelled_faces` itself (app/feedback/placement.py).
 from collections.abc import Mapping
 
 from sqlalchemy import delete, func, select, union
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from app.db import dialect_insert
 from app.tables import Face, FeedbackPair, Tally
 
 FEEDBACK = "feedback"
@@ -45,8 +45,7 @@ def add_by_split(session: Session, kind: str, deltas: Mapping[str, int]) -> None
     ]
     if not rows:
         return
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(Tally)
+    statement = dialect_insert(session, Tally)
     statement = statement.on_conflict_do_update(
         index_elements=["kind", "split", "label", "shard"], set_={"n": Tally.n + statement.excluded.n}
     )

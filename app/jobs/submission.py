@@ -8,10 +8,10 @@ import this module and neither imports the other's, so the two services form no 
 import uuid
 
 from sqlalchemy import event
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import dialect_insert
 from app.domain import JobKind, JobStatus
 from app.jobs.params import JobParams, params_json
 from app.queue import try_enqueue_job
@@ -84,11 +84,9 @@ def add_coalesced_job(
     while it runs may come after its query, so it gets a queued successor. Flushed, not committed; sent to
     the broker after the caller's commit.
     """
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     job_id = uuid.uuid4()
     statement = (
-        insert(Job)
+        dialect_insert(session, Job)
         .values(
             id=job_id,
             kind=kind,

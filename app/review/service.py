@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import and_, delete, or_, select, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import dialect_insert
 from app.domain import FaceSplit
 from app.embeddings import require_serving_model
 from app.evidence import EvidenceMinimums, count_evidence, evidence_needed, val_needed
@@ -392,10 +392,9 @@ def _insert_leases(
         }
         for choice in choices
     ]
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     table = ReviewLease.__table__
     statement = (
-        dialect.insert(table)
+        dialect_insert(session, table)
         .on_conflict_do_nothing(index_elements=["face_a", "face_b"])
         .returning(table.c.id, table.c.face_a, table.c.face_b)
     )

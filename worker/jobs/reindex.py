@@ -36,11 +36,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from sqlalchemy import Row, exists, literal, or_, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import dialect_insert
 from app.domain import JobKind
 from app.models.serving import mark_embedded_if_complete, missing_faces
 from app.tables import EmbeddingGeneration, Face, FaceEmbedding, utcnow
@@ -83,10 +83,6 @@ def _after(a: Cursor | None, b: Cursor | None) -> bool:
     return a is not None and (b is None or a > b)
 
 
-def _insert(session: Session) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-
-
 def _missing_batch(
     session: Session,
     model_id: uuid.UUID,
@@ -119,7 +115,7 @@ def _bump_generation(session: Session, model_id: uuid.UUID) -> int:
     """Take the model's next generation; the row lock it holds until commit orders writers of one model."""
     table = EmbeddingGeneration
     statement = (
-        _insert(session)(table)
+        dialect_insert(session, table)
         .values(model_id=model_id, generation=1)
         .on_conflict_do_update(index_elements=[table.model_id], set_={"generation": table.generation + 1})
         .returning(table.generation)
@@ -155,7 +151,7 @@ def _advance_watermark(session: Session, model_id: uuid.UUID, to: Cursor) -> Non
 def _insert_rows(session: Session, rows: list[dict[str, Any]]) -> int:
     """Insert the rows that do not exist yet; how many were inserted."""
     statement = (
-        _insert(session)(FaceEmbedding)
+        dialect_insert(session, FaceEmbedding)
         .values(rows)
         .on_conflict_do_nothing(index_elements=[FaceEmbedding.face_id, FaceEmbedding.model_id])
         .returning(FaceEmbedding.face_id)

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Connection, exists, insert, select
 
 from app.db import get_engine, session_scope
 from app.tables import Face, FaceEmbedding, Job
@@ -142,16 +142,22 @@ def test_postgres_stopped_during_traffic_gives_503s_on_one_connection_and_the_ap
 def test_postgres_stopped_during_a_reindex_ends_succeeded_with_each_face_embedded_once(
     stack: Stack, johns_dir: Path
 ) -> None:
-    """Stopped once the job has committed a few faces, and kept down until the job's own work has met the
-    outage: the attempt hands the job back, and the next one embeds exactly the faces still missing."""
+    """Stopped while the job has committed two faces and waits on the third, and kept down until the job's own
+    work has met the outage: the attempt hands the job back, and the next one embeds exactly the faces still
+    missing."""
     images = [johns_dir / name for name in face_images(johns_dir)[:FACES_FOR_THE_REINDEX]]
     with stack.client() as http:
         faces = {ok(upload(http, image), 200, 201)["id"] for image in images}
-        job = ok(http.post("/v1/jobs", json=REINDEX), 202)
-        part_way = wait_for_job(http, job["id"], until=_embedded_some, timeout_s=JOB_S).job
-        assert part_way["status"] == "running", "the outage comes while the job runs"
-        with outage(stack.postgres):
-            stack.worker.wait_for_log(rf"job {job['id']} \(reindex\) met an outage", timeout_s=JOB_S)
+        hold, missing = _hold_the_third_face(stack)
+        try:
+            job = ok(http.post("/v1/jobs", json=REINDEX), 202)
+            part_way = wait_for_job(http, job["id"], until=_embedded_some, timeout_s=JOB_S).job
+            assert part_way["status"] == "running", "the outage comes while the job runs"
+            with outage(stack.postgres):
+                stack.worker.wait_for_log(rf"job {job['id']} \(reindex\) met an outage", timeout_s=JOB_S)
+        finally:
+            hold.invalidate()  # the outage ended its transaction; the row it held was never committed
+            hold.close()
         before = _embedded_by(stack)
         wait_until_serving(http)
         done = wait_for_success(http, job["id"], timeout_s=JOB_S).job
@@ -160,7 +166,22 @@ def test_postgres_stopped_during_a_reindex_ends_succeeded_with_each_face_embedde
     assert done["attempts"] == 2, done
     assert faces <= set(after.stored) and 0 < len(before.embedded) < len(before.stored), before
     assert done["result"]["embedded"] == len(before.stored) - len(before.embedded), "only what was missing"
+    assert done["result"]["embedded"] == missing - 2, "the first attempt stopped at the held third face"
     assert Counter(after.embedded) == Counter(after.stored), "every stored face embedded once by the model"
+
+
+def _hold_the_third_face(stack: Stack) -> tuple[Connection, int]:
+    """An open transaction holding an uncommitted embedding row of the third face the job will embed (it goes
+    by (created_at, id), one face a transaction). The job's insert of that face waits on the row, so however
+    fast or slow the machine, the job stops with exactly two faces committed until the outage ends it.
+    Returns the connection and how many faces the job has to embed."""
+    model = uuid.UUID(stack.model_id)
+    embedded = exists().where(FaceEmbedding.face_id == Face.id, FaceEmbedding.model_id == model)
+    connection = get_engine(stack.database_url).connect()
+    missing = connection.scalars(select(Face.id).where(~embedded).order_by(Face.created_at, Face.id)).all()
+    held = insert(FaceEmbedding).values(face_id=missing[2], model_id=model, vector=b"", quality=0.0)
+    connection.execute(held)
+    return connection, len(missing)
 
 
 def _embedded_some(job: dict[str, Any]) -> bool:

@@ -12,9 +12,14 @@ from app.db import get_session_factory
 from app.pagination import PageParams, page_params
 
 
+def app_settings(request: Request) -> Settings:
+    """The settings the app was created with; for dependencies that take the request alone."""
+    return request.app.state.settings
+
+
 async def get_settings_dep(request: Request) -> Settings:
     # Async, like get_session: a sync dependency costs every request a hop to the thread pool.
-    return request.app.state.settings
+    return app_settings(request)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
@@ -27,7 +32,7 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
     It takes the request, not SettingsDep: FastAPI solves a dependency's own dependencies wherever it is used,
     so every dependency avoided here is one less per route that asks for a session."""
-    session = get_session_factory(request.app.state.settings.database_url)()
+    session = get_session_factory(app_settings(request).database_url)()
     try:
         yield session
     finally:

@@ -28,8 +28,8 @@ from app.auth.key_cache import KeyCache
 from app.auth.keys import Caller, LastUsed, remembered_caller, touch_last_used, unauthenticated, verify_key
 from app.auth.limits import WriteLimiter
 from app.auth.scopes import Scope
-from app.config import Settings
-from app.db import get_session_factory
+from app.db import session_scope
+from app.deps import app_settings
 from app.problems import Problem
 
 BEARER_SCHEME = "apiKey"
@@ -60,17 +60,13 @@ def _bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
 def _verify(database_url: str, token: str, last_used: LastUsed, cache: KeyCache) -> Caller:
-    with get_session_factory(database_url)() as session:
+    with session_scope(database_url) as session:
         return verify_key(session, token, last_used, cache)
 
 
 def _touch(database_url: str, key_id: str) -> None:
-    with get_session_factory(database_url)() as session:
+    with session_scope(database_url) as session:
         touch_last_used(session, key_id)
 
 
@@ -86,7 +82,7 @@ async def authenticate(request: Request) -> Caller:
         if token is None:
             raise unauthenticated("no key: send Authorization: Bearer <key>")
         last_used, _limiter, cache = _auth_state(request)
-        database_url = _settings(request).database_url
+        database_url = app_settings(request).database_url
         caller = remembered_caller(cache, token)
         if caller is None:
             caller = await run_in_threadpool(_verify, database_url, token, last_used, cache)
@@ -98,7 +94,7 @@ async def authenticate(request: Request) -> Caller:
 
 async def authorize(request: Request, scope: Scope) -> Caller | None:
     """The caller, when its key is valid and holds `scope`: else 401, 403 or (a write over its rate) 429."""
-    settings = _settings(request)
+    settings = app_settings(request)
     if settings.auth_disabled:
         request.state.caller = None
         return None
@@ -145,7 +141,7 @@ class AnyKeyRequirement:
     """The dependency behind `any_key()`: a valid key, whatever its scopes (None with auth disabled)."""
 
     async def __call__(self, request: Request) -> Caller | None:
-        if _settings(request).auth_disabled:
+        if app_settings(request).auth_disabled:
             request.state.caller = None
             return None
         return await authenticate(request)

@@ -184,9 +184,13 @@ async def guard_undeclared(request: Request) -> None:
         await authorize(request, Scope.ADMIN)
 
 
-async def current_caller(request: Request) -> Caller | None:
+def request_caller(request: Request) -> Caller | None:
     """The key the request was authorized with (None with auth disabled); set by the route's scope check."""
     return getattr(request.state, "caller", None)
+
+
+async def current_caller(request: Request) -> Caller | None:
+    return request_caller(request)
 
 
 CallerDep = Annotated[Caller | None, Depends(current_caller)]

@@ -32,6 +32,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -187,25 +188,26 @@ def insert_only(database_url: str, pairs: list[tuple[str, str]]) -> None:
     psycopg and committed: what the database alone costs, the floor under any batch endpoint."""
     import psycopg
 
-    from app.feedback.service import _PG_ARRAY_COLUMNS, _PG_INSERT
+    from app.feedback.service import PG_INSERT, pg_insert_parameters, uuid_ints
 
-    rows = [sorted((uuid.UUID(a), uuid.UUID(b))) for a, b in pairs]
-    columns: dict[str, Any] = {
-        "id": [uuid.uuid4() for _ in rows],
-        "face_a": [a for a, _ in rows],
-        "face_b": [b for _, b in rows],
-        "label": [index % 2 for index in range(len(rows))],
-        "split": ["train"] * len(rows),
-        "annotator": [None] * len(rows),
-        "source": [None] * len(rows),
-        "api_key_id": [None] * len(rows),
-    }
-    assert set(columns) == set(_PG_ARRAY_COLUMNS)
-    statement = str(_PG_INSERT).replace(":created_at", "now()")
-    for name in columns:
-        statement = statement.replace(f":{name} ", f"%({name})s ")
+    canonical = [sorted((uuid.UUID(a), uuid.UUID(b))) for a, b in pairs]
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "face_a": a,
+            "face_b": b,
+            "label": index % 2,
+            "split": "train",
+            "annotator": None,
+            "source": None,
+            "api_key_id": None,
+            "created_at": now,
+        }
+        for index, (a, b) in enumerate(canonical)
+    ]
     with psycopg.connect(libpq_url(database_url)) as conn:
-        inserted = conn.execute(statement, columns).fetchall()
+        inserted = uuid_ints(conn.execute(PG_INSERT, pg_insert_parameters(rows)).fetchone()[0])
     if len(inserted) != len(rows):
         raise RuntimeError(f"insert only: {len(inserted)} of {len(rows)} pairs inserted")
 

@@ -45,11 +45,12 @@ _PLACEMENT_LOCK_KEY = 0x6D6167_7475_6E65
 # One round trip for what every ingest needs to know about the faces it names: each face's split, and
 # whether any stored pair already names it (two index probes per face: feedback's (face_a, face_b) key and
 # its face_b index).
-_PG_FACE_STATES = text(
+# The ids travel as a binary array (app/feedback/service.py says why).
+_PG_FACE_STATES = (
     "SELECT faces.id, faces.split, "
     "EXISTS (SELECT 1 FROM feedback WHERE feedback.face_a = faces.id) "
     "OR EXISTS (SELECT 1 FROM feedback WHERE feedback.face_b = faces.id) "
-    "FROM faces WHERE faces.id = ANY(CAST(:ids AS uuid[]))"
+    "FROM faces WHERE faces.id = ANY(CAST(%(ids)b AS uuid[]))"
 )
 
 
@@ -61,7 +62,7 @@ def face_states(
     if not ids:
         return {}, set()
     if session.get_bind().dialect.name == "postgresql":
-        rows = session.execute(_PG_FACE_STATES, {"ids": ids}).all()
+        rows = session.connection().exec_driver_sql(_PG_FACE_STATES, {"ids": ids}).all()
         return {face.int: split for face, split, _ in rows}, {face.int for face, _, named in rows if named}
     splits: dict[int, str] = {}
     labelled: set[int] = set()

@@ -321,6 +321,44 @@ def test_a_batch_stores_the_good_items_and_reports_each_bad_one(
     assert (stored["face_a"], stored["face_b"]) == tuple(str(face) for face in canonical_pair(c, d))
 
 
+def test_every_column_of_a_batch_is_stored_as_sent(any_settings: Settings) -> None:
+    """PostgreSQL gets a batch as packed columns (app/feedback/service.py): each row's every value, text
+    that needs quoting in an array and missing values included, must land in that row, on both databases."""
+    splits = ["train", "val", "test", "train", "val", "test", "train", "train"]
+    faces = [insert_face(any_settings, split=split) for split in splits]
+    texts = [None, "ann", 'quo"te', "{brace},comma", "ünïcode ✓", "back\\slash", "NULL", ""]
+    sent = [
+        pair(faces[i], faces[j], (i + j) % 2, annotator=texts[i], source=texts[j])
+        for i, j in [(1, 0), (2, 5), (3, 6), (4, 7), (5, 3), (6, 1), (7, 0)]
+    ]
+    sent.append(pair(faces[4], faces[1], 1, split="regression"))
+    key = issue_test_key(any_settings.database_url)
+
+    with TestClient(create_app(any_settings, run_sweeper=False), headers=bearer(key)) as client:
+        body = client.post("/v1/feedback/batch", json={"items": sent}).json()
+
+    assert body["created"] == len(sent), body
+    with session_scope(any_settings.database_url) as session:
+        stored = {row.id: row for row in session.scalars(select(FeedbackPair))}
+        key_id = session.scalar(select(FeedbackPair.api_key_id).limit(1))
+        # after the batch: a face without labels may have joined its partner's split (placement)
+        split_of = {face: split for face, split in session.execute(select(Face.id, Face.split))}
+    assert key.startswith(f"mt_{key_id}_")
+    for item, result in zip(sent, body["results"], strict=True):
+        row = stored[uuid.UUID(result["id"])]
+        low, high = canonical_pair(uuid.UUID(item["face_a"]), uuid.UUID(item["face_b"]))
+        split_a, split_b = split_of[low], split_of[high]
+        expected_split = item.get("split") or (split_a if split_a == split_b else "cross")
+        assert (row.face_a, row.face_b, row.label, row.annotator, row.source) == (
+            low,
+            high,
+            item["label"],
+            item.get("annotator"),
+            item.get("source"),
+        )
+        assert (row.split, result["split"], row.api_key_id) == (expected_split, expected_split, key_id)
+
+
 def test_a_pair_named_twice_with_two_labels_keeps_the_first(
     client: TestClient, train_faces: list[uuid.UUID]
 ) -> None:

@@ -21,6 +21,7 @@ from app.console.router import router as console_router
 from app.faces.router import router as faces_router
 from app.failures import install_failure_handlers
 from app.feedback.router import router as feedback_router
+from app.feedback.settled import SettledPairs
 from app.jobs.events import StreamSlots
 from app.jobs.router import router as jobs_router
 from app.jobs.sweeper import start_background_sweeper
@@ -50,9 +51,11 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         stop_sweeper = start_background_sweeper(settings) if run_sweeper else None
         key_listener = start_key_listener(settings, app.state.key_cache)
+        await app.state.settled_pairs.open()
         try:
             yield
         finally:
+            await app.state.settled_pairs.close()
             if key_listener is not None:
                 key_listener.stop()
             if stop_sweeper is not None:
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.state.key_cache = KeyCache()
     app.state.write_limiter = WriteLimiter(settings.write_rate_per_s, settings.write_burst)
     app.state.event_streams = StreamSlots(settings.job_events_max_streams)
+    app.state.settled_pairs = SettledPairs(settings.database_url, max_size=settings.api_threads)
     install_problem_handlers(app)
     install_failure_handlers(app)
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # inside the metrics: its 413s are counted

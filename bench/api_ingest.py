@@ -13,8 +13,7 @@ psycopg pool, served with as many processes (bench/concurrent_clients.py).
 
     python bench/api_ingest.py [--singles 2000] [--batches 5] [--batch-size 10000] [--clients 1,16,64]
 
-Needs PostgreSQL (MAGTUNE_TEST_POSTGRES, an admin URL) and Redis (MAGTUNE_TEST_REDIS) like the tests, and the
-`bench` extra (`pip install -e '.[bench]'`) for the async reference.
+Needs PostgreSQL (MAGTUNE_TEST_POSTGRES, an admin URL) and Redis (MAGTUNE_TEST_REDIS) like the tests.
 Targets: single posts at ≥ 0.7× the bare endpoint's rate; batches at ≥ 20,000 pairs/s; at 16 and 64 clients
 ≥ 0.7× the async reference's throughput, with p99 ≤ 100 ms at 16 clients.
 """

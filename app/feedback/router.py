@@ -5,15 +5,16 @@ from contextlib import closing
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from app.auth.dependencies import CallerDep, caller_id, request_caller, requires
 from app.auth.scopes import Scope
-from app.db import get_engine, get_session_factory
+from app.config import Settings
+from app.db import get_session_factory
 from app.deps import PageDep, SessionDep, SettingsDep, app_settings
 from app.feedback import service
 from app.feedback.schemas import REVIEW_SOURCE, FeedbackBatchIn, FeedbackBatchOut, FeedbackIn, FeedbackOut
-from app.feedback.settled import record_between_labelled_faces
 from app.idempotency import REPLAYED_HEADER, Answer, IdempotencyKey, run_idempotently
 from app.observability import record_feedback_ingested
 from app.pagination import PAGE_RESPONSES, Page
@@ -51,23 +52,34 @@ def _endpoint(name: str, caller_key: str | None) -> str:
         422: problem_doc("Invalid body, unknown face, or a face paired with itself (same-face)"),
     },
 )
-def create_feedback(item: FeedbackIn, request: Request, idempotency_key: IdempotencyKey = None) -> Response:
+async def create_feedback(
+    item: FeedbackIn, request: Request, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Record one judgement on a pair of faces; (a, b) and (b, a) are the same pair.
 
     The pair records the API key that posted it; `annotator` labels the person within that key.
     """
     # The busiest route takes the request rather than the session, settings and caller dependencies: each
     # dependency FastAPI solves costs every request, and these three cost this one about a third of its
-    # CPU. A pair of two labelled faces is stored in one statement; the session is opened only otherwise.
-    settings = app_settings(request)
+    # CPU. A pair of two labelled faces is stored on the event loop in one statement (app/feedback/
+    # settled.py); anything else takes the general path in the thread pool.
     key_id = caller_id(request_caller(request))
     if idempotency_key is None:
-        settled = record_between_labelled_faces(get_engine(settings.database_url), item, key_id)
+        settled = await request.app.state.settled_pairs.record(item, key_id)
         if settled is not None:
             record_feedback_ingested(item.label)
             body = FeedbackOut.model_validate(settled).model_dump(mode="json")
             return JSONResponse(body, status_code=201, headers={"Location": f"/v1/feedback/{settled.id}"})
+    answer = await run_in_threadpool(_record_feedback, item, app_settings(request), key_id, idempotency_key)
+    if answer.status_code == 201 and not answer.replayed:
+        record_feedback_ingested(item.label)
+    return _respond(answer, location=f"/v1/feedback/{answer.body['id']}")
 
+
+def _record_feedback(
+    item: FeedbackIn, settings: Settings, key_id: str | None, idempotency_key: str | None
+) -> Answer:
+    """The general path of a single post: the lease, placement, an existing pair, the Idempotency-Key."""
     with closing(get_session_factory(settings.database_url)()) as session:
 
         def act() -> tuple[int, dict]:
@@ -86,16 +98,13 @@ def create_feedback(item: FeedbackIn, request: Request, idempotency_key: Idempot
             )
             return (201 if created else 200), FeedbackOut.model_validate(stored).model_dump(mode="json")
 
-        answer = run_idempotently(
+        return run_idempotently(
             session,
             key=idempotency_key,
             endpoint=_endpoint("POST /v1/feedback", key_id),
             payload=item.model_dump(mode="json"),
             act=act,
         )
-    if answer.status_code == 201 and not answer.replayed:
-        record_feedback_ingested(item.label)
-    return _respond(answer, location=f"/v1/feedback/{answer.body['id']}")
 
 
 @router.post(

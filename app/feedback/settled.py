@@ -1,27 +1,36 @@
-"""A single pair of two faces that already have labels, stored in one statement (PostgreSQL).
+"""A single pair of two faces that already have labels, stored in one statement on the event loop.
 
 Once a service has been labelling for a while, nearly every post names two faces that already have labels:
 neither may move (app/feedback/placement.py), no split's count of labelled faces changes, and the pair's
 split follows from the faces' splits alone. Such a pair needs no placement lock and no decision in Python,
-so one INSERT ... SELECT checks both faces, derives the split and inserts, in its own transaction: one round
-trip where the general path (`service.ingest_feedback`) takes a read, a write and a commit. Everything else
-(a face without a label, an unknown face, a pair stored before, a regression pair, a lease, SQLite) gets
-None here and goes through the general path, which decides and words the answer as before.
+so one INSERT ... SELECT checks both faces, derives the split and inserts, in its own transaction, through
+an async psycopg pool: no thread hop, no ORM, one round trip, where the general path
+(`service.ingest_feedback`, in the thread pool) takes a read, a write and a commit.
+
+Everything else gets None here and goes through the general path, which decides and words the answer as
+before: a face without a label, an unknown face, a pair stored before, a regression pair, a lease, SQLite,
+and any failure of this statement (a face deleted meanwhile, the database unreachable, the pool busy). The
+general path then answers from the database as it stands, so a statement that committed just before its
+connection broke reads as the pair stored before (200), never twice.
 """
 
+import logging
 import uuid
 from datetime import datetime
 
-from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
+import psycopg
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.domain import FeedbackSplit
 from app.feedback.schemas import FeedbackIn
 from app.tables import FeedbackPair, utcnow
 
+log = logging.getLogger(__name__)
+
 # Both faces exist and some stored pair names each of them (the probes of placement.face_states); the
 # pair then takes their common split or `cross`, as `service.pair_split` has it.
-_INSERT_BETWEEN_LABELLED = f"""
+INSERT_BETWEEN_LABELLED = f"""
 WITH named AS (
     SELECT faces.split,
            EXISTS (SELECT 1 FROM feedback WHERE feedback.face_a = faces.id)
@@ -38,31 +47,70 @@ FROM settled
 ON CONFLICT (face_a, face_b) DO NOTHING
 RETURNING split
 """
+# How long a post waits for a free connection before it takes the general path instead.
+POOL_WAIT_S = 0.5
 
 
-def record_between_labelled_faces(
-    engine: Engine, item: FeedbackIn, api_key_id: str | None, now: datetime | None = None
-) -> FeedbackPair | None:
-    """The new pair (committed), when `item` is a plain pair of two labelled faces not stored yet; else None
-    and nothing stored."""
-    if engine.dialect.name != "postgresql" or item.split is not None or item.lease_id is not None:
-        return None
-    face_a, face_b = sorted((item.face_a, item.face_b))
-    values = {
-        "id": uuid.uuid4(),
-        "face_a": face_a,
-        "face_b": face_b,
-        "label": item.label,
-        "annotator": item.annotator,
-        "source": item.source,
-        "api_key_id": api_key_id,
-        "created_at": now or utcnow(),
-    }
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+class SettledPairs:
+    """The pool behind the one-statement path of one api process; open with the app, closed with it.
+
+    Connections are opened on demand (none while idle) up to `max_size`, the api's thread count, so this
+    path holds no more connections than the general one could.
+    """
+
+    def __init__(self, database_url: str, max_size: int) -> None:
+        self._pool: AsyncConnectionPool | None = None
+        if database_url.startswith("postgresql"):
+            conninfo = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+            self._pool = AsyncConnectionPool(
+                conninfo,
+                min_size=0,
+                max_size=max_size,
+                kwargs={"autocommit": True, "row_factory": tuple_row},
+                open=False,
+                name="settled-pairs",
+            )
+        self._open = False
+        self.stored = 0
+        """Pairs this path stored: the rest went the general way."""
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            await self._pool.open(wait=False)
+            self._open = True
+
+    async def close(self) -> None:
+        if self._pool is not None and self._open:
+            self._open = False
+            await self._pool.close()
+
+    async def record(
+        self, item: FeedbackIn, api_key_id: str | None, now: datetime | None = None
+    ) -> FeedbackPair | None:
+        """The new pair (committed), when `item` is a plain pair of two labelled faces not stored yet; else
+        None and nothing stored."""
+        if self._pool is None or not self._open or item.split is not None or item.lease_id is not None:
+            return None
+        face_a, face_b = sorted((item.face_a, item.face_b))
+        values = {
+            "id": uuid.uuid4(),
+            "face_a": face_a,
+            "face_b": face_b,
+            "label": item.label,
+            "annotator": item.annotator,
+            "source": item.source,
+            "api_key_id": api_key_id,
+            "created_at": now or utcnow(),
+        }
         try:
-            row = connection.exec_driver_sql(_INSERT_BETWEEN_LABELLED, values).first()
-        except IntegrityError:
+            async with self._pool.connection(timeout=POOL_WAIT_S) as connection:
+                row = await (await connection.execute(INSERT_BETWEEN_LABELLED, values)).fetchone()
+        except psycopg.IntegrityError:
             return None  # a face was deleted since the statement read it: the general path says which
-    if row is None:
-        return None
-    return FeedbackPair(split=row[0], **values)
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            log.info("settled pair: %s; taking the general path", type(exc).__name__)
+            return None
+        if row is None:
+            return None
+        self.stored += 1
+        return FeedbackPair(split=row[0], **values)

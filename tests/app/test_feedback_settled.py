@@ -1,6 +1,8 @@
 """A pair of two labelled faces in one statement: stored as the general path would store it, or left to it."""
 
+import asyncio
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -9,9 +11,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 
 from app.config import Settings
-from app.db import get_engine, session_scope
+from app.db import session_scope
 from app.feedback.schemas import FeedbackIn
-from app.feedback.settled import record_between_labelled_faces
+from app.feedback.settled import POOL_WAIT_S, SettledPairs
 from app.migrate import upgrade_database
 from app.tables import Face, FeedbackPair
 from app.tallies import FEEDBACK, LABELLED_FACES, by_split, counts
@@ -39,6 +41,20 @@ def stored_pairs(settings: Settings, face_x: uuid.UUID, face_y: uuid.UUID) -> li
         return list(pairs)
 
 
+def record(database_url: str, item: FeedbackIn, api_key_id: str | None = None) -> FeedbackPair | None:
+    """`SettledPairs.record` as the api runs it: on an event loop, through a pool opened for it."""
+
+    async def opened_and_recorded() -> FeedbackPair | None:
+        pairs = SettledPairs(database_url, max_size=2)
+        await pairs.open()
+        try:
+            return await pairs.record(item, api_key_id)
+        finally:
+            await pairs.close()
+
+    return asyncio.run(opened_and_recorded())
+
+
 def item(face_x: uuid.UUID, face_y: uuid.UUID, label: int = 1, **extra: object) -> FeedbackIn:
     return FeedbackIn.model_validate({"face_a": face_x, "face_b": face_y, "label": label, **extra})
 
@@ -49,9 +65,7 @@ def test_a_pair_of_labelled_faces_is_stored_with_the_split_the_general_path_give
 ) -> None:
     x, y = labelled_faces(client, settings, *splits)
 
-    stored = record_between_labelled_faces(
-        get_engine(settings.database_url), item(y, x, annotator="ana", source="console"), "key0"
-    )
+    stored = record(settings.database_url, item(y, x, annotator="ana", source="console"), "key0")
 
     assert stored is not None
     assert (stored.face_a, stored.face_b, stored.split) == (*sorted((x, y)), expected)
@@ -73,9 +87,13 @@ def test_the_api_answers_a_settled_pair_as_before_and_the_tallies_follow(
     with session_scope(settings.database_url) as session:
         before, labelled_before = counts(session, FEEDBACK), by_split(session, LABELLED_FACES)
 
+    settled = client.app.state.settled_pairs  # type: ignore[attr-defined]
+    stored_before = settled.stored
+
     posted = client.post("/v1/feedback", json={"face_a": str(x), "face_b": str(y), "label": 1})
 
     assert posted.status_code == 201
+    assert settled.stored == stored_before + 1  # this path stored it, not the general one
     body = posted.json()
     assert posted.headers["location"] == f"/v1/feedback/{body['id']}"
     assert client.get(posted.headers["location"]).json() == body
@@ -89,7 +107,6 @@ def test_the_api_answers_a_settled_pair_as_before_and_the_tallies_follow(
 def test_anything_else_is_left_to_the_general_path_and_nothing_is_stored(
     client: TestClient, settings: Settings
 ) -> None:
-    engine = get_engine(settings.database_url)
     x, y = labelled_faces(client, settings, "train", "train")
     newcomer = insert_face(settings, split="train")
     existing = client.post("/v1/feedback", json={"face_a": str(x), "face_b": str(y), "label": 1}).json()
@@ -106,7 +123,7 @@ def test_anything_else_is_left_to_the_general_path_and_nothing_is_stored(
         before = session.scalars(select(FeedbackPair.id)).all()
 
     for case, leftover in leftovers.items():
-        assert record_between_labelled_faces(engine, leftover, None) is None, case
+        assert record(settings.database_url, leftover) is None, case
 
     with session_scope(settings.database_url) as session:
         assert sorted(session.scalars(select(FeedbackPair.id)).all()) == sorted(before)
@@ -119,13 +136,10 @@ def test_a_face_deleted_while_the_statement_waits_leaves_it_to_the_general_path(
     """The statement reads both faces, then its foreign key waits on the deleting transaction; once that
     commits the insert fails, nothing is stored, and the general path answers (unknown face)."""
     x, y = labelled_faces(client, settings, "train", "train")
-    engine = get_engine(settings.database_url)
     outcome: list[object] = []
     with session_scope(settings.database_url) as deleting:
         deleting.execute(delete(Face).where(Face.id == y))
-        worker = threading.Thread(
-            target=lambda: outcome.append(record_between_labelled_faces(engine, item(x, y), None))
-        )
+        worker = threading.Thread(target=lambda: outcome.append(record(settings.database_url, item(x, y))))
         worker.start()
         worker.join(timeout=1.0)
         assert worker.is_alive(), "the insert should wait on the deleted face's row lock"
@@ -141,4 +155,12 @@ def test_sqlite_always_takes_the_general_path(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'magtune.db'}"
     upgrade_database(url)
 
-    assert record_between_labelled_faces(get_engine(url), item(uuid.uuid4(), uuid.uuid4()), None) is None
+    assert record(url, item(uuid.uuid4(), uuid.uuid4())) is None
+
+
+def test_an_unreachable_database_leaves_the_pair_to_the_general_path_within_the_pool_wait() -> None:
+    """The general path then answers 503 database-unavailable (tests/app/test_failures.py), as before."""
+    started = time.monotonic()
+
+    assert record("postgresql+psycopg://root@127.0.0.1:1/magtune", item(uuid.uuid4(), uuid.uuid4())) is None
+    assert time.monotonic() - started < POOL_WAIT_S + 5

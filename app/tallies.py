@@ -45,9 +45,12 @@ def add_by_split(session: Session, kind: str, deltas: Mapping[str, int]) -> None
     ]
     if not rows:
         return
-    statement = dialect_insert(session, Tally)
+    # The table, not the entity: a Core upsert, without the ORM's bulk-insert machinery (a fifth of a first
+    # label's CPU in the api went there).
+    table = Tally.__table__
+    statement = dialect_insert(session, table)
     statement = statement.on_conflict_do_update(
-        index_elements=["kind", "split", "label", "shard"], set_={"n": Tally.n + statement.excluded.n}
+        index_elements=["kind", "split", "label", "shard"], set_={"n": table.c.n + statement.excluded.n}
     )
     session.execute(statement, rows)
 

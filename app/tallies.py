@@ -20,10 +20,11 @@ NO_LABEL = -1
 
 def counts(session: Session, kind: str) -> dict[tuple[str, int], int]:
     """The count of each (split, label) of `kind`, summed over shards; label is -1 where a kind has none."""
+    table = Tally.__table__.c  # Core columns: no ORM compile step on a first label's path
     rows = session.execute(
-        select(Tally.split, Tally.label, func.sum(Tally.n))
-        .where(Tally.kind == kind)
-        .group_by(Tally.split, Tally.label)
+        select(table.split, table.label, func.sum(table.n))
+        .where(table.kind == kind)
+        .group_by(table.split, table.label)
     )
     return {(split, label): int(n) for split, label, n in rows}
 

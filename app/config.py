@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.jobs.params import FinetuneParams
+from app.review.selection import DEFAULT_LIKELY_SAME_SHARE
 from app.splits import DEFAULT_SPLIT_FRACTIONS, validate_split_fractions
 
 
@@ -127,6 +128,8 @@ class Settings(BaseSettings):
     review_neighbours: int = Field(default=8, ge=1, le=100)  # nearest neighbours per anchor
     review_uncertain_band: float = Field(default=0.08, gt=0, le=1)  # |score - threshold| of "uncertain"
     review_explore_share: float = Field(default=0.1, ge=0, le=1)  # training pairs drawn at random
+    # most of a training page `likely-same` may take (app/review/selection.py says why none by default)
+    review_likely_same_share: float = Field(default=DEFAULT_LIKELY_SAME_SHARE, ge=0, le=1)
     review_val_share: float = Field(default=0.1, ge=0, le=1)  # steady share of val pairs on every page
     review_evidence_max_share: float = Field(default=0.5, ge=0, le=1)  # cap on test pairs the gate needs
     # val pairs the queue gathers first (app/evidence.py val_needed): a fine-tune needs both labels in val

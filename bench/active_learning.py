@@ -207,11 +207,13 @@ class Labeller:
         self.identity_of = identity_of
         self.labelled: set[frozenset[str]] = set()
         self.same = 0
+        self.reasons: dict[str, dict[str, list[int]]] = {}  # split -> reason -> [different, same]
 
-    def answer(self, a: str, b: str) -> int:
+    def answer(self, a: str, b: str, split: str = "?", reason: str = "random") -> int:
         self.labelled.add(frozenset((a, b)))
         label = int(self.identity_of[a] == self.identity_of[b])
         self.same += label
+        self.reasons.setdefault(split, {}).setdefault(reason, [0, 0])[label] += 1
         return label
 
 
@@ -223,7 +225,8 @@ def queue_page(client: Any, labeller: Labeller, size: int) -> int:
             break
         for pair in page["items"]:
             a, b = str(pair["face_a"]["id"]), str(pair["face_b"]["id"])
-            body = {"face_a": a, "face_b": b, "label": labeller.answer(a, b), "lease_id": pair["lease_id"]}
+            label = labeller.answer(a, b, pair["split"], pair["reason"])
+            body = {"face_a": a, "face_b": b, "label": label, "lease_id": pair["lease_id"]}
             expect(client.post("/v1/feedback", json=body), 200, 201)
             given += 1
     return given
@@ -247,14 +250,14 @@ def random_page(client: Any, labeller: Labeller, size: int, rng: random.Random) 
     for face, split in face_splits(client).items():
         by_split.setdefault(split, []).append(face)
     candidates = [
-        (a, b)
-        for faces in by_split.values()
+        (a, b, split)
+        for split, faces in by_split.items()
         for a, b in itertools.combinations(sorted(faces), 2)
         if frozenset((a, b)) not in labeller.labelled
     ]
     chosen = rng.sample(candidates, min(size, len(candidates)))
-    for a, b in chosen:
-        body = {"face_a": a, "face_b": b, "label": labeller.answer(a, b), "source": "random"}
+    for a, b, split in chosen:
+        body = {"face_a": a, "face_b": b, "label": labeller.answer(a, b, split), "source": "random"}
         expect(client.post("/v1/feedback", json=body), 200, 201)
     return len(chosen)
 
@@ -314,6 +317,15 @@ def run_strategy(
                     "same_labels": labeller.same,
                     "serving": measure(serving, client.get(f"/v1/models/{serving}/checkpoint").content),
                     "candidate": candidate,
+                    "training": {
+                        "pairs": (result.get("dataset_snapshot") or {}).get("pairs"),
+                        "best_epoch": result.get("best_epoch"),
+                        "val_auc": [
+                            None if r.get("val_auc") is None else round(r["val_auc"], 3)
+                            for r in result.get("history", [])
+                        ],
+                    },
+                    "labels_by_reason": labeller.reasons,
                     "job_status": job["status"],
                     "job_error": job.get("error"),
                     "gate": {
@@ -332,16 +344,24 @@ def run_strategy(
 
 
 def labels_to_reach(rounds: list[dict[str, Any]], figure: str, eer: float) -> int | None:
-    return next((row["labels"] for row in rounds if row[figure] and row[figure]["eer"] <= eer), None)
+    """The first label count (after labelling: round 0 is the untouched base) whose figure reaches `eer`."""
+    return next(
+        (row["labels"] for row in rounds if row["labels"] > 0 and row[figure] and row[figure]["eer"] <= eer),
+        None,
+    )
 
 
 def compare(queue: list[dict[str, Any]], rand: list[dict[str, Any]], figure: str) -> dict[str, Any]:
     """`figure`: "serving" (what the service answers with, after the gate) or "candidate" (each round's
     fine-tune, promoted or not: what the labels bought)."""
-    measured_random = [row for row in rand if row[figure]]
+    measured_random = [row for row in rand if row[figure] and row["labels"] > 0]
     if not measured_random:
-        return {"label_ratio_to_match_random": None}
+        return {"label_ratio_to_match_random": None, "note": "random produced no measured model"}
     final_random = measured_random[-1]
+    # Matching a random arm that never got better than the base model (no candidate, nothing promoted)
+    # says nothing about the queue: the target needs random to have improved on the start.
+    start_eer = rand[0]["serving"]["eer"]
+    random_improved = final_random[figure]["eer"] < start_eer
     needed = labels_to_reach(queue, figure, final_random[figure]["eer"])
     ratio = (
         None if needed is None or final_random["labels"] == 0 else round(needed / final_random["labels"], 3)
@@ -358,7 +378,8 @@ def compare(queue: list[dict[str, Any]], rand: list[dict[str, Any]], figure: str
         "queue_labels_to_reach_it": needed,
         "label_ratio_to_match_random": ratio,
         "queue_never_worse_at_equal_labels": never_worse,
-        "meets_target": ratio is not None and ratio <= TARGET_LABEL_RATIO and never_worse,
+        "random_improved_on_base": random_improved,
+        "meets_target": random_improved and ratio is not None and ratio <= TARGET_LABEL_RATIO and never_worse,
     }
 
 

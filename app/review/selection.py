@@ -7,7 +7,8 @@ model, never labelled, not leased, not a face with itself) and the share of the 
 - training pairs by informativeness, in turn from three queues, plus a small random share:
   `hard-different` (scoring at least threshold - band while known to differ: subjects differ, or labelled
   pairs imply it by transitivity), `uncertain` (|score - threshold| <= band, closest first), `likely-same`
-  (a nearest neighbour scoring above the band, highest first) and `explore` (uniformly at random);
+  (a nearest neighbour scoring above the band, highest first; at most `likely_same_share` of the training
+  pairs, none by default) and `explore` (uniformly at random);
 - evaluation pairs (val, test) without the uncertainty bias: candidates drawn at random among the split's
   pairs are cut into two strata by the predicted side of the threshold (`score >= threshold`:
   predicted-same; below: predicted-different), and the page takes half from each (the rest from the other
@@ -16,6 +17,13 @@ model, never labelled, not leased, not a face with itself) and the share of the 
 Across the page no face appears more than twice, and subjects are spread: a pair whose subject is already on
 the page as often as the fair share (2 * page size / subjects among the candidates, at least 1) waits until
 every other candidate has been considered.
+
+Why `likely-same` is off by default (bench/README.md, "Why the queue's training pairs hurt"): those pairs are
+near-duplicates the model already calls the same (on the CMU set 78 of 81 were positives), so they teach
+nothing, and a training set heavy with them pulls the embedding space together. On 200 CMU training pairs
+fine-tuned alike (seed 0), the queue with them took the held-out AUC from 0.684 to 0.647; without them (their
+slots going to `uncertain`), to 0.728, against 0.706 for random within-split pairs. Over three seeds their
+absence reduced the harm (not on every draw) and did not reliably beat random pairs.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ REASONS = (UNCERTAIN, LIKELY_SAME, HARD_DIFFERENT, EXPLORE)
 MAX_FACE_USES = 2
 PREDICTED_SAME = "predicted-same"
 PREDICTED_DIFFERENT = "predicted-different"
+DEFAULT_LIKELY_SAME_SHARE = 0.0  # see the module docstring; 1.0 gives likely-same an equal turn as before
 
 
 @dataclass(frozen=True)
@@ -137,9 +146,17 @@ class _Page:
         self._count(choice.candidate)
 
 
-def _take(page: _Page, queues: Sequence[list[tuple[Candidate, str, str | None]]], count: int) -> list[Choice]:
-    """Up to `count` choices, one from each queue in turn: first spreading subjects, then not."""
+def _take(
+    page: _Page,
+    queues: Sequence[list[tuple[Candidate, str, str | None]]],
+    count: int,
+    caps: Sequence[int | None] | None = None,
+) -> list[Choice]:
+    """Up to `count` choices, one from each queue in turn (at most `caps[q]` from queue q): first spreading
+    subjects, then not."""
     taken: list[Choice] = []
+    limits = list(caps) if caps is not None else [None] * len(queues)
+    used = [0] * len(queues)
     for spread in (True, False):
         cursors = [0] * len(queues)
         progress = True
@@ -148,6 +165,9 @@ def _take(page: _Page, queues: Sequence[list[tuple[Candidate, str, str | None]]]
             for q, queue in enumerate(queues):
                 if len(taken) >= count:
                     break
+                limit = limits[q]
+                if limit is not None and used[q] >= limit:
+                    continue
                 while cursors[q] < len(queue):
                     candidate, reason, stratum = queue[cursors[q]]
                     cursors[q] += 1
@@ -155,6 +175,7 @@ def _take(page: _Page, queues: Sequence[list[tuple[Candidate, str, str | None]]]
                         choice = Choice(candidate, reason, stratum)
                         page.add(choice)
                         taken.append(choice)
+                        used[q] += 1
                         progress = True
                         break
     return taken
@@ -169,6 +190,7 @@ def select_pairs(
     explore_share: float,
     rng: random.Random,
     already: Sequence[Choice] = (),
+    likely_same_share: float = DEFAULT_LIKELY_SAME_SHARE,
 ) -> list[Choice]:
     """The page: for each split its share of pairs (fewer when candidates run out), in split order.
 
@@ -189,7 +211,7 @@ def select_pairs(
         if count <= 0 or not pool:
             continue
         if split == FaceSplit.TRAIN.value:
-            chosen += _training(page, pool, count, threshold, band, explore_share, rng)
+            chosen += _training(page, pool, count, threshold, band, explore_share, likely_same_share, rng)
         else:
             chosen += _evaluation(page, pool, count, threshold, rng)
     return chosen
@@ -202,6 +224,7 @@ def _training(
     threshold: float,
     band: float,
     explore_share: float,
+    likely_same_share: float,
     rng: random.Random,
 ) -> list[Choice]:
     queues: dict[str, list[tuple[Candidate, str, str | None]]] = {r: [] for r in REASONS}
@@ -219,7 +242,10 @@ def _training(
     if explore_count == 0 and explore_share > 0 and count >= 5:
         explore_count = 1
     taken = _take(
-        page, [queues[HARD_DIFFERENT], queues[UNCERTAIN], queues[LIKELY_SAME]], count - explore_count
+        page,
+        [queues[HARD_DIFFERENT], queues[UNCERTAIN], queues[LIKELY_SAME]],
+        count - explore_count,
+        caps=[None, None, math.floor(count * likely_same_share)],
     )
     taken += _take(page, [explore], count - len(taken))  # the explore share, and whatever is still missing
     return taken

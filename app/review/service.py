@@ -99,6 +99,7 @@ def lease_pairs(*, session: Session, settings: Settings, limit: int, holder: str
             explore_share=settings.review_explore_share,
             rng=rng,
             already=[choice for _, choice in leased],
+            likely_same_share=settings.review_likely_same_share,
         )
         if not choices:
             break

@@ -107,6 +107,51 @@ def test_uncertain_pairs_come_closest_first() -> None:
     assert uncertain == [0.51, 0.49, 0.45, 0.58]
 
 
+def likely_and_uncertain(count: int) -> list[Candidate]:
+    """`count` likely-same pairs (nearest neighbours well above the band) and `count` uncertain ones, no face
+    shared, so only the reasons' rules decide the page."""
+    faces = ids(4 * count, seed=5)
+    likely = [
+        Candidate(faces[2 * i], faces[2 * i + 1], "train", 0.8 + i / 1000, neighbour=True)
+        for i in range(count)
+    ]
+    uncertain = [
+        Candidate(faces[2 * (count + i)], faces[2 * (count + i) + 1], "train", T + (i % 5) / 100)
+        for i in range(count)
+    ]
+    return likely + uncertain
+
+
+def test_likely_same_pairs_take_no_training_slot_by_default() -> None:
+    page = select_pairs(
+        likely_and_uncertain(20),
+        shares={"train": 10},
+        threshold=T,
+        band=BAND,
+        explore_share=0.0,
+        rng=random.Random(0),
+    )
+
+    assert Counter(choice.reason for choice in page) == {UNCERTAIN: 10}
+
+
+@pytest.mark.parametrize(("share", "likely"), [(1.0, 5), (0.2, 2), (0.0, 0)])
+def test_likely_same_share_caps_that_queue_and_the_others_fill_in(share: float, likely: int) -> None:
+    page = select_pairs(
+        likely_and_uncertain(20),
+        shares={"train": 10},
+        threshold=T,
+        band=BAND,
+        explore_share=0.0,
+        rng=random.Random(0),
+        likely_same_share=share,
+    )
+
+    # 1.0 is the old rule: the queues take equal turns
+    assert Counter(choice.reason for choice in page) == Counter({LIKELY_SAME: likely, UNCERTAIN: 10 - likely})
+    assert all(c.candidate.score > T + BAND for c in page if c.reason == LIKELY_SAME)
+
+
 def test_evaluation_pairs_take_both_sides_of_the_threshold() -> None:
     rng = random.Random(3)
     candidates = pairs_over(ids(30), "test", rng)

@@ -46,10 +46,12 @@ _PLACEMENT_LOCK_KEY = 0x6D6167_7475_6E65
 # whether any stored pair already names it (two index probes per face: feedback's (face_a, face_b) key and
 # its face_b index).
 # The ids travel as a binary array (app/feedback/service.py says why).
-_PG_FACE_STATES = (
-    "SELECT faces.id, faces.split, "
+PG_FACE_HAS_LABEL = (
     "EXISTS (SELECT 1 FROM feedback WHERE feedback.face_a = faces.id) "
-    "OR EXISTS (SELECT 1 FROM feedback WHERE feedback.face_b = faces.id) "
+    "OR EXISTS (SELECT 1 FROM feedback WHERE feedback.face_b = faces.id)"
+)
+_PG_FACE_STATES = (
+    f"SELECT faces.id, faces.split, {PG_FACE_HAS_LABEL} "
     "FROM faces WHERE faces.id = ANY(CAST(%(ids)b AS uuid[]))"
 )
 

@@ -23,18 +23,17 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.domain import FeedbackSplit
+from app.feedback.placement import PG_FACE_HAS_LABEL
 from app.feedback.schemas import FeedbackIn
 from app.tables import FeedbackPair, utcnow
 
 log = logging.getLogger(__name__)
 
-# Both faces exist and some stored pair names each of them (the probes of placement.face_states); the
-# pair then takes their common split or `cross`, as `service.pair_split` has it.
+# Both faces exist and some stored pair names each of them (placement.face_states's probe); the pair then
+# takes their common split or `cross`, as `service.pair_split` has it.
 INSERT_BETWEEN_LABELLED = f"""
 WITH named AS (
-    SELECT faces.split,
-           EXISTS (SELECT 1 FROM feedback WHERE feedback.face_a = faces.id)
-           OR EXISTS (SELECT 1 FROM feedback WHERE feedback.face_b = faces.id) AS labelled
+    SELECT faces.split, {PG_FACE_HAS_LABEL} AS labelled
     FROM faces WHERE faces.id IN (%(face_a)s, %(face_b)s)
 ), settled AS (
     SELECT min(split) AS low, max(split) AS high FROM named HAVING count(*) = 2 AND bool_and(labelled)

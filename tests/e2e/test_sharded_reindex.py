@@ -26,11 +26,13 @@ CHUNK_TIMEOUT_S = 300.0
 
 @pytest.fixture
 def timing_settings(timing_settings: dict[str, str]) -> dict[str, str]:
-    """Small chunks and batches, so ~680 faces make about ten chunks; one torch thread per worker."""
+    """Small chunks and batches, so ~680 faces make about ten chunks of sixteen batches each (a chunk's
+    progress shows after every four faces, so a poll finds one part-way even when a chunk takes a second);
+    one torch thread per worker."""
     return {
         **timing_settings,
         "MAGTUNE_REINDEX_CHUNK_SIZE": str(CHUNK_SIZE),
-        "MAGTUNE_REINDEX_BATCH_SIZE": "8",
+        "MAGTUNE_REINDEX_BATCH_SIZE": "4",
         "OMP_NUM_THREADS": "1",
     }
 
@@ -84,7 +86,7 @@ def _wait_chunks(
         chunks = _chunks(database_url, job_id)
         if chunks and until(chunks):
             return chunks
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"chunks of {job_id} not {what}: {[(c.seq, c.status, c.worker) for c in chunks]}")
 
 
@@ -123,9 +125,7 @@ def test_two_workers_share_a_reindex_and_a_killed_one_loses_only_its_chunk(
 
     def helper_mid_chunk(chunks: list[JobChunk]) -> bool:
         return any(
-            c.status == "running"
-            and _node(c.worker) == helper
-            and (c.progress or {}).get("embedded", 0) >= 16
+            c.status == "running" and _node(c.worker) == helper and (c.progress or {}).get("embedded", 0) >= 8
             for c in chunks
         )
 

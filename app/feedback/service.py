@@ -7,8 +7,9 @@ would let a test face leak into training through its partner). Before that, a fa
 partner's split (`placement`), so fewer labels are wasted.
 
 Ingestion works on whole batches: one query for the faces, one INSERT ... ON CONFLICT DO NOTHING RETURNING id
-(PostgreSQL: the columns as arrays through unnest; SQLite: multi-row VALUES), and one read of the pairs that
-already existed, so a 10,000-pair batch is a handful of statements whatever its size.
+(PostgreSQL: whole columns, packed, see PG_INSERT; SQLite: multi-row VALUES), and one read of the pairs that
+already existed, so a 10,000-pair batch is a handful of statements whatever its size. A single post of two
+faces that already have labels is stored before it gets here, in one statement (app/feedback/settled.py).
 """
 
 import os

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -29,6 +30,11 @@ def get_engine(database_url: str) -> Engine:
         event.listen(engine, "connect", _enable_sqlite_foreign_keys)
         return engine
     return create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def libpq_url(database_url: str) -> str:
+    """A PostgreSQL URL as psycopg takes it directly (no SQLAlchemy driver name), password included."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def dialect_insert(session: Session, table: Any) -> Any:

@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy.engine import make_url
-
 from app.auth.keys import Caller
 from app.config import Settings
+from app.db import libpq_url
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,6 @@ def start_key_listener(settings: Settings, cache: KeyCache) -> KeyChangeListener
     """Start trusting `cache` once its listener is connected: PostgreSQL with auth on; else None (off)."""
     if settings.auth_disabled or not settings.database_url.startswith("postgresql"):
         return None
-    libpq_url = make_url(settings.database_url).set(drivername="postgresql")
-    listener = KeyChangeListener(cache, libpq_url.render_as_string(hide_password=False))
+    listener = KeyChangeListener(cache, libpq_url(settings.database_url))
     listener.start()
     return listener

@@ -64,13 +64,14 @@ async def create_feedback(
     # CPU. A pair of two labelled faces is stored on the event loop in one statement (app/feedback/
     # settled.py); anything else takes the general path in the thread pool.
     key_id = caller_id(request_caller(request))
+    settled = None
     if idempotency_key is None:
         settled = await request.app.state.settled_pairs.record(item, key_id)
-        if settled is not None:
-            record_feedback_ingested(item.label)
-            body = FeedbackOut.model_validate(settled).model_dump(mode="json")
-            return JSONResponse(body, status_code=201, headers={"Location": f"/v1/feedback/{settled.id}"})
-    answer = await run_in_threadpool(_record_feedback, item, app_settings(request), key_id, idempotency_key)
+    if settled is not None:
+        answer = Answer(201, FeedbackOut.model_validate(settled).model_dump(mode="json"))
+    else:
+        settings = app_settings(request)
+        answer = await run_in_threadpool(_record_feedback, item, settings, key_id, idempotency_key)
     if answer.status_code == 201 and not answer.replayed:
         record_feedback_ingested(item.label)
     return _respond(answer, location=f"/v1/feedback/{answer.body['id']}")

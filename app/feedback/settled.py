@@ -22,9 +22,11 @@ import psycopg
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from app.db import libpq_url
 from app.domain import FeedbackSplit
 from app.feedback.placement import PG_FACE_HAS_LABEL
 from app.feedback.schemas import FeedbackIn
+from app.feedback.service import canonical_pair
 from app.tables import FeedbackPair, utcnow
 
 log = logging.getLogger(__name__)
@@ -53,34 +55,30 @@ POOL_WAIT_S = 0.5
 class SettledPairs:
     """The pool behind the one-statement path of one api process; open with the app, closed with it.
 
-    Connections are opened on demand (none while idle) up to `max_size`, the api's thread count, so this
-    path holds no more connections than the general one could.
+    Connections are opened on demand (none while idle) up to `max_size`, the api's thread count: as many
+    as the general path's threads can use at once, beside the engine's own pool.
     """
 
     def __init__(self, database_url: str, max_size: int) -> None:
         self._pool: AsyncConnectionPool | None = None
         if database_url.startswith("postgresql"):
-            conninfo = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
             self._pool = AsyncConnectionPool(
-                conninfo,
+                libpq_url(database_url),
                 min_size=0,
                 max_size=max_size,
                 kwargs={"autocommit": True, "row_factory": tuple_row},
                 open=False,
                 name="settled-pairs",
             )
-        self._open = False
         self.stored = 0
         """Pairs this path stored: the rest went the general way."""
 
     async def open(self) -> None:
         if self._pool is not None:
             await self._pool.open(wait=False)
-            self._open = True
 
     async def close(self) -> None:
-        if self._pool is not None and self._open:
-            self._open = False
+        if self._pool is not None and not self._pool.closed:
             await self._pool.close()
 
     async def record(
@@ -88,9 +86,9 @@ class SettledPairs:
     ) -> FeedbackPair | None:
         """The new pair (committed), when `item` is a plain pair of two labelled faces not stored yet; else
         None and nothing stored."""
-        if self._pool is None or not self._open or item.split is not None or item.lease_id is not None:
+        if self._pool is None or self._pool.closed or item.split is not None or item.lease_id is not None:
             return None
-        face_a, face_b = sorted((item.face_a, item.face_b))
+        face_a, face_b = canonical_pair(item.face_a, item.face_b)
         values = {
             "id": uuid.uuid4(),
             "face_a": face_a,

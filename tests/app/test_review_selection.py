@@ -14,6 +14,7 @@ from app.review.selection import (
     PREDICTED_SAME,
     UNCERTAIN,
     Candidate,
+    Choice,
     page_shares,
     select_pairs,
     training_reason,
@@ -122,30 +123,28 @@ def likely_and_uncertain(count: int) -> list[Candidate]:
     return likely + uncertain
 
 
-def test_likely_same_pairs_take_no_training_slot_by_default() -> None:
-    page = select_pairs(
+def ten_training_pairs(**share: float) -> list[Choice]:
+    """A training page of 10 from 20 likely-same and 20 uncertain candidates, no random share."""
+    return select_pairs(
         likely_and_uncertain(20),
         shares={"train": 10},
         threshold=T,
         band=BAND,
         explore_share=0.0,
         rng=random.Random(0),
+        **share,
     )
+
+
+def test_likely_same_pairs_take_no_training_slot_by_default() -> None:
+    page = ten_training_pairs()
 
     assert Counter(choice.reason for choice in page) == {UNCERTAIN: 10}
 
 
 @pytest.mark.parametrize(("share", "likely"), [(1.0, 5), (0.2, 2), (0.0, 0)])
 def test_likely_same_share_caps_that_queue_and_the_others_fill_in(share: float, likely: int) -> None:
-    page = select_pairs(
-        likely_and_uncertain(20),
-        shares={"train": 10},
-        threshold=T,
-        band=BAND,
-        explore_share=0.0,
-        rng=random.Random(0),
-        likely_same_share=share,
-    )
+    page = ten_training_pairs(likely_same_share=share)
 
     # 1.0 is the old rule: the queues take equal turns
     assert Counter(choice.reason for choice in page) == Counter({LIKELY_SAME: likely, UNCERTAIN: 10 - likely})

@@ -164,3 +164,25 @@ def test_an_unreachable_database_leaves_the_pair_to_the_general_path_within_the_
 
     assert record("postgresql+psycopg://root@127.0.0.1:1/magtune", item(uuid.uuid4(), uuid.uuid4())) is None
     assert time.monotonic() - started < POOL_WAIT_S + 5
+
+
+def test_two_clients_posting_one_pair_at_once_store_it_once(client: TestClient, settings: Settings) -> None:
+    """Both statements race on the pair's unique key: one inserts, the other gets None and the general path
+    answers it as the pair stored before (200, the same id)."""
+    x, y = labelled_faces(client, settings, "train", "train")
+
+    async def both_at_once() -> list[FeedbackPair | None]:
+        pairs = SettledPairs(settings.database_url, max_size=2)
+        await pairs.open()
+        try:
+            return list(await asyncio.gather(pairs.record(item(x, y), None), pairs.record(item(y, x), None)))
+        finally:
+            await pairs.close()
+
+    outcomes = asyncio.run(both_at_once())
+
+    (stored,) = [outcome for outcome in outcomes if outcome is not None]
+    assert outcomes.count(None) == 1
+    assert [pair.id for pair in stored_pairs(settings, x, y)] == [stored.id]
+    again = client.post("/v1/feedback", json={"face_a": str(y), "face_b": str(x), "label": 1})
+    assert (again.status_code, again.json()["id"]) == (200, str(stored.id))

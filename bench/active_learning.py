@@ -22,7 +22,8 @@ per label count: held-out AUC, EER and TAR@FAR=1e-2 of the serving model, and ea
 labels random used (null when the queue never reached it), and whether at equal labels the queue's EER was
 never worse.
 
-    python bench/active_learning.py [--faces DIR] [--rounds 6] [--page 40] [--epochs 6] [--seed 0]
+    python bench/active_learning.py [--faces DIR] [--rounds 6] [--page 40] [--epochs 6]
+        [--selection interpolate] [--seed 0] [--strategies queue,random,random-training]
 
 Target: label_ratio_to_match_random ≤ 0.5 and the queue never worse at equal labels.
 """
@@ -298,6 +299,7 @@ def run_strategy(
         "epochs": args.epochs,
         "learning_rate": args.learning_rate,
         "distill_weight": args.distill_weight,
+        "selection": args.selection,
         "seed": args.seed,
         "auto_promote": True,
     }
@@ -428,6 +430,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--distill-weight", type=float, default=0.1)
+    parser.add_argument(
+        "--selection",
+        choices=("val", "interpolate"),
+        default="interpolate",
+        help="the fine-tune's choice of weights: val's best epoch, or halfway from the parent to the last "
+        "epoch (val sets of a few same pairs cannot pick an epoch; README, fine-tuning)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--strategies",
@@ -455,6 +464,7 @@ def main() -> None:
             "epochs": args.epochs,
             "learning_rate": args.learning_rate,
             "distill_weight": args.distill_weight,
+            "selection": args.selection,
         },
         "load_before": load_averages(),
     }

@@ -328,6 +328,17 @@ class HeldOut:
         }
 
 
+def averaged_figures(
+    model: torch.nn.Module, held: HeldOut, weights: list[dict[str, torch.Tensor]]
+) -> dict[str, float]:
+    """Held-out figures of the uniform average of `weights` (weight averaging of one run's epochs)."""
+    mean = {
+        k: torch.stack([w[k].float() for w in weights]).mean(0).to(weights[0][k].dtype) for k in weights[0]
+    }
+    model.load_state_dict(mean)
+    return held(model)
+
+
 def parse_run(text: str) -> tuple[str, dict[str, str]]:
     name, _, rest = text.partition(":")
     options = dict(item.split("=", 1) for item in rest.split(",") if item)
@@ -357,18 +368,32 @@ def run_one(
         field_name = ALIASES.get(key, key)
         if field_name in config_fields:
             kind = type(TrainConfig.__dataclass_fields__[field_name].default)
-            config_args[field_name] = kind(float(value)) if kind is not bool else value not in ("0", "false")
+            if kind is str:
+                config_args[field_name] = value
+            else:
+                config_args[field_name] = (
+                    kind(float(value)) if kind is not bool else value not in ("0", "false")
+                )
     config = TrainConfig(**config_args)
     pairs = transform(sets[name].pairs, options, config.seed)
     train = indexed(faces, pairs)
     model = base_model()
     per_epoch: list[dict[str, Any]] = []
+    start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    epoch_weights: list[dict[str, torch.Tensor]] = []
 
     def on_epoch_end(state: Any) -> None:
         per_epoch.append({"epoch": state.epoch, **held(model)})
+        epoch_weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
     started = time.monotonic()
     result = finetune(model, held.spec, train, val, config, device="cpu", on_epoch_end=on_epoch_end)
+    selected = held(model)
+    averaged = {
+        "epochs": averaged_figures(model, held, epoch_weights),
+        "start_and_last": averaged_figures(model, held, [start_weights, epoch_weights[-1]]),
+        "start_and_epochs": averaged_figures(model, held, [start_weights, *epoch_weights]),
+    }
     reasons: dict[str, list[int]] = {}
     for _, _, label, reason in pairs:
         reasons.setdefault(reason, [0, 0])[label] += 1
@@ -380,8 +405,9 @@ def run_one(
         "config": {k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig(), k)},
         "best_epoch": result.best_epoch,
         "val_auc": [r.val_auc and round(r.val_auc, 3) for r in result.history],
-        "selected": held(model),
+        "selected": selected,
         "per_epoch": per_epoch,
+        "averaged": averaged,
         "seconds": round(time.monotonic() - started, 1),
     }
 

@@ -2,7 +2,7 @@
 from strings, so a typo in a request fails loudly instead of training with a default."""
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -21,6 +21,10 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_PATIENCE = 3
 # Pull of each training face towards its parent's embedding, against forgetting (README; 0 turns it off).
 DEFAULT_DISTILL_WEIGHT = 1.0
+# How the fine-tuned weights are chosen (worker.ml.training.TrainConfig): the best epoch on val, or the
+# parent's weights moved `interpolation` of the way to the last epoch's (README, "Choosing the weights").
+DEFAULT_SELECTION = "val"
+DEFAULT_INTERPOLATION = 0.5
 
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]
@@ -54,6 +58,15 @@ class FinetuneParams(JobParams):
         "original objective",
     )
     freeze_stem: StrictBool = Field(False, description="keep the layers before the first stage fixed")
+    selection: Literal["val", "interpolate"] = Field(
+        DEFAULT_SELECTION,
+        description="val: keep the epoch with the best val AUC (stops after `patience` epochs without "
+        "improvement); interpolate: train every epoch and keep the parent's weights moved `interpolation` "
+        "of the way to the last epoch's, for val sets too small to pick an epoch",
+    )
+    interpolation: Annotated[StrictFloat, Field(gt=0, le=1)] = Field(
+        DEFAULT_INTERPOLATION, description="with selection interpolate: 1 keeps the last epoch's weights"
+    )
 
     def model_refs(self) -> dict[str, uuid.UUID | None]:
         return {"base_model": self.base_model}

@@ -53,6 +53,8 @@ class TestCreateJob:
             "patience": 3,
             "distill_weight": DEFAULT_DISTILL_WEIGHT,
             "freeze_stem": False,
+            "selection": "val",
+            "interpolation": 0.5,
         }
         assert body["attempts"] == 0
         assert body["max_attempts"] == 3
@@ -64,7 +66,15 @@ class TestCreateJob:
         self, client: TestClient, settings: Settings, active_model: uuid.UUID
     ) -> None:
         other = insert_model(settings)
-        params = {"base_model": str(other), "epochs": 3, "learning_rate": 0.001, "margin": 1.0, "patience": 2}
+        params = {
+            "base_model": str(other),
+            "epochs": 3,
+            "learning_rate": 0.001,
+            "margin": 1.0,
+            "patience": 2,
+            "selection": "interpolate",
+            "interpolation": 0.3,
+        }
 
         body = client.post("/v1/jobs", json={"kind": "finetune", "params": params}).json()
 
@@ -73,6 +83,8 @@ class TestCreateJob:
         assert body["params"]["learning_rate"] == 0.001
         assert body["params"]["margin"] == 1.0
         assert body["params"]["patience"] == 2
+        assert body["params"]["selection"] == "interpolate"
+        assert body["params"]["interpolation"] == 0.3
 
     def test_evaluate_and_reindex(
         self, client: TestClient, settings: Settings, active_model: uuid.UUID
@@ -107,6 +119,13 @@ class TestCreateJob:
             ({"kind": "finetune", "params": {"epochs": 0}}, "epochs"),
             ({"kind": "finetune", "params": {"learning_rate": "fast"}}, "learning_rate"),
             ({"kind": "finetune", "params": {"auto_promote": "yes"}}, "auto_promote"),
+            ({"kind": "finetune", "params": {"selection": "best"}}, "selection"),
+            (
+                {"kind": "finetune", "params": {"selection": "interpolate", "interpolation": 0}},
+                "interpolation",
+            ),
+            ({"kind": "finetune", "params": {"interpolation": 1.01}}, "interpolation"),
+            ({"kind": "finetune", "params": {"interpolation": "half"}}, "interpolation"),
             ({"kind": "reindex", "params": {"model": "not-a-uuid"}}, "model"),
         ],
     )

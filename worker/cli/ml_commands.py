@@ -17,6 +17,7 @@ from app.splits import DEFAULT_SPLIT_FRACTIONS, SPLIT_NAMES
 from worker.cli import output
 from worker.cli.offline import (
     IMAGE_SUFFIXES,
+    SELECTIONS,
     TRAINING_OPTIONS,
     embed_command,
     evaluate_command,
@@ -42,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "finetune",
         parents=[common, model],
         help="fine-tune a checkpoint on same/different pairs",
-        description="Fine-tune with the contrastive loss; the best epoch is chosen and the threshold "
-        "calibrated on --val-pairs. Writes best.pth, final.pth (MagFace layout, with lineage and "
+        description="Fine-tune with the contrastive loss; the weights are chosen (--selection) and the "
+        "threshold calibrated on --val-pairs. Writes best.pth, final.pth (MagFace layout, with lineage and "
         "hyper-parameters) and history.json into --output-dir.",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="the parent checkpoint")
@@ -54,6 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, (kind, default) in TRAINING_OPTIONS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=_finite(kind), help=f"default {default}")
     p.add_argument("--freeze-stem", action="store_true", help="keep the layers before the first stage fixed")
+    p.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="val",
+        help="val: the best epoch on --val-pairs; interpolate: the parent moved --interpolation of the way "
+        "to the last epoch (default val)",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace best.pth/final.pth already in --output-dir"
     )

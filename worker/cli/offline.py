@@ -36,7 +36,9 @@ TRAINING_OPTIONS = {
     "patience": (int, 3),
     "weight_decay": (float, 0.0),
     "distill_weight": (float, 1.0),
+    "interpolation": (float, 0.5),
 }
+SELECTIONS = ("val", "interpolate")  # worker.ml.training.SELECTIONS, without importing torch for --help
 
 
 def finetune_command(args: argparse.Namespace) -> Result:
@@ -46,7 +48,7 @@ def finetune_command(args: argparse.Namespace) -> Result:
     from worker.ml.training import TrainConfig, finetune
 
     overrides = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
-    config = TrainConfig(**overrides, freeze_stem=args.freeze_stem)
+    config = TrainConfig(**overrides, freeze_stem=args.freeze_stem, selection=args.selection)
     device = select_device(args.device)
     out: Path = args.output_dir
     best_path, final_path, history_path = (out / name for name in ("best.pth", "final.pth", "history.json"))

@@ -75,6 +75,8 @@ def train_config(params: dict[str, Any]) -> TrainConfig:
         "patience",
         "distill_weight",
         "freeze_stem",
+        "selection",
+        "interpolation",
     )
     return TrainConfig(**{key: params[key] for key in keys if params.get(key) is not None})
 

@@ -41,7 +41,14 @@ def test_the_api_job_defaults_are_the_trainers_defaults() -> None:
     assert {key: stored[key] for key in shared} == {key: trainer[key] for key in shared}, (
         "the stored params name the values the trainer uses, not nulls it fills in"
     )
-    custom = {"margin": 1.0, "distill_weight": 0.0, "freeze_stem": True, "epochs": 3}
+    custom = {
+        "margin": 1.0,
+        "distill_weight": 0.0,
+        "freeze_stem": True,
+        "epochs": 3,
+        "selection": "interpolate",
+        "interpolation": 0.3,
+    }
     assert train_config(FinetuneParams(**custom).model_dump(mode="json")) == TrainConfig(**custom)
 
 

@@ -367,3 +367,82 @@ def test_a_state_saved_after_early_stopping_trains_no_further(
     )
 
     assert resumed.stopped_early and resumed.history == stopped.history
+
+
+def test_interpolation_keeps_the_point_between_parent_and_last_epoch(
+    train_pairs: IndexedPairs, val_pairs: IndexedPairs
+) -> None:
+    model = tiny_model()
+    start = {n: v.clone() for n, v in model.state_dict().items()}
+    result = run(train_pairs, val_pairs, model, epochs=3, selection="interpolate", interpolation=0.25)
+    assert result.best_epoch == 3 and not result.stopped_early
+    moved = 0
+    for name, value in result.best_state.items():
+        final, first = result.final_state[name], start[name]
+        if value.is_floating_point():
+            torch.testing.assert_close(value, first + 0.25 * (final - first), msg=name)
+            moved += not torch.equal(final, first)
+        else:
+            assert torch.equal(value, final), name
+        assert torch.equal(model.state_dict()[name], value), "the model holds the interpolated weights"
+    assert moved > 0, "training moved some weights"
+    scores = score_pairs(model, TINY_SPEC, val_pairs)
+    assert result.threshold == pytest.approx(calibrate_threshold(scores, val_pairs.labels.numpy()))
+
+
+def test_interpolation_trains_every_epoch_whatever_val_says(
+    train_pairs: IndexedPairs, val_pairs: IndexedPairs
+) -> None:
+    """Patience belongs to picking an epoch on val; interpolation picks none, so a val that never improves
+    does not stop it."""
+    by_val = run(train_pairs, val_pairs, epochs=5, learning_rate=0.0, patience=1)
+    interpolated = run(
+        train_pairs, val_pairs, epochs=5, learning_rate=0.0, patience=1, selection="interpolate"
+    )
+    assert by_val.stopped_early and [r.epoch for r in by_val.history] == [0, 1]
+    assert not interpolated.stopped_early and [r.epoch for r in interpolated.history] == list(range(6))
+
+
+def test_interpolation_of_one_keeps_the_last_epoch(train_pairs: IndexedPairs) -> None:
+    result = run(train_pairs, None, epochs=2, selection="interpolate", interpolation=1.0)
+    assert result.threshold is None
+    for name, value in result.best_state.items():
+        torch.testing.assert_close(value, result.final_state[name], rtol=0, atol=0, msg=name)
+
+
+def test_resumed_interpolation_ends_as_the_uninterrupted_run(
+    train_pairs: IndexedPairs, val_pairs: IndexedPairs
+) -> None:
+    """The parent's weights come from the starting model, not from the state a retry resumes from."""
+    config = TrainConfig(epochs=3, learning_rate=1e-2, batch_size=8, selection="interpolate")
+    states: list[TrainerState] = []
+    whole = finetune(
+        tiny_model(),
+        TINY_SPEC,
+        train_pairs,
+        val_pairs,
+        config,
+        device="cpu",
+        on_epoch_end=lambda state: states.append(_saved_and_loaded(state)),
+    )
+    resumed = finetune(
+        tiny_model(), TINY_SPEC, train_pairs, val_pairs, config, device="cpu", resume=states[1]
+    )
+    assert resumed.threshold == whole.threshold
+    for name, value in whole.best_state.items():
+        torch.testing.assert_close(resumed.best_state[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"selection": "best"}, "selection"),
+        ({"interpolation": 0.0}, "interpolation"),
+        ({"interpolation": 1.5}, "interpolation"),
+    ],
+)
+def test_config_refuses_an_unknown_selection_or_an_interpolation_out_of_range(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options)

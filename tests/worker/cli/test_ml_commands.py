@@ -353,3 +353,41 @@ def test_finetune_help_shows_the_training_defaults() -> None:
     assert {name: default for name, (_, default) in TRAINING_OPTIONS.items()} == {
         name: defaults[name] for name in TRAINING_OPTIONS
     }
+
+
+def test_finetune_with_interpolation_keeps_the_point_between_parent_and_last_epoch(
+    mobilefacenet_checkpoint: Path, small_train_pairs: Path, split_dir: Path, tmp_path: Path, capsys
+) -> None:
+    result = run_json(
+        capsys,
+        *("finetune", "--checkpoint", mobilefacenet_checkpoint, "--arch", "mobilefacenet"),
+        *(
+            "--train-pairs",
+            small_train_pairs,
+            "--val-pairs",
+            split_dir / "val.json",
+            "--output-dir",
+            tmp_path,
+        ),
+        *("--epochs", "1", "--batch-size", "8", "--device", "cpu"),
+        *("--selection", "interpolate", "--interpolation", "0.5", "--learning-rate", "1e-3"),
+    )
+    parent = load_backbone(mobilefacenet_checkpoint).model.state_dict()
+    best = load_backbone(tmp_path / "best.pth")
+    final = load_backbone(tmp_path / "final.pth").model.state_dict()
+    assert best.metadata["hyperparameters"]["selection"] == "interpolate"
+    moved = 0
+    for name, value in best.model.state_dict().items():
+        if value.is_floating_point():
+            expected = parent[name] + 0.5 * (final[name] - parent[name])
+            assert np.allclose(value.numpy(), expected.numpy(), atol=1e-6), name
+            moved += not np.array_equal(final[name].numpy(), parent[name].numpy())
+    assert moved > 0
+    assert result["threshold"] is not None
+
+
+def test_finetune_refuses_an_unknown_selection(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--selection", "best"])
+    assert exit_info.value.code == 2
+    assert "argument --selection: invalid choice: 'best'" in capsys.readouterr().err

@@ -308,7 +308,7 @@ def _run(
         best = _validate(model, spec, val, config, device) if val is not None else None
         start_scores = best.scores if best is not None else None
         history = [EpochRecord(0, None, best.loss, best.auc)] if best is not None else []
-        best_state = _cpu_state(model) if val is not None else {}
+        best_state = (start_state or _cpu_state(model)) if val is not None else {}  # one copy of the start
         start, best_epoch, stale = 1, 0, 0
     stopped_early = stale >= config.patience and start <= config.epochs  # an earlier attempt stopped here
     for epoch in range(start, config.epochs + 1) if not stopped_early else ():

@@ -391,3 +391,15 @@ def test_finetune_refuses_an_unknown_selection(capsys) -> None:
         main(["finetune", "--selection", "best"])
     assert exit_info.value.code == 2
     assert "argument --selection: invalid choice: 'best'" in capsys.readouterr().err
+
+
+def test_the_selection_choices_agree_across_api_cli_and_trainer() -> None:
+    """The api and the CLI's --help cannot import the trainer (torch), so they repeat its choices."""
+    import typing
+
+    from app.jobs.params import FinetuneParams
+    from worker.cli.offline import SELECTIONS as CLI_SELECTIONS
+    from worker.ml.training import SELECTIONS
+
+    api = typing.get_args(FinetuneParams.model_fields["selection"].annotation)
+    assert CLI_SELECTIONS == SELECTIONS == api
